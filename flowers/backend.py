@@ -1,0 +1,198 @@
+"""The backend choice, device facts and memory probes: the ONLY module with per-backend branches.
+
+`select()` must run before anything imports keras: it validates the name, checks the backend's
+framework is installed (and TensorFlow, which tf.data needs everywhere), and sets KERAS_BACKEND.
+Every other function here asks the chosen framework, so the rest of the code never branches on it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from flowers.errors import FlowersError
+
+BACKENDS = ("torch", "tensorflow", "jax")
+# backend -> (module that must import, pip extra that installs it)
+_REQUIREMENTS = {"torch": ("torch", "torch"), "tensorflow": ("tensorflow", "tensorflow"),
+                 "jax": ("jax", "jax")}
+# distributions that may provide each framework (first one installed wins)
+_DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos"),
+    "jax": ("jax",),
+}
+CPU_MEMORY_REASON = "no framework allocator on CPU; see peak_host_rss_mb"
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a known backend, else raise a one-line error listing them."""
+    if name not in BACKENDS:
+        raise FlowersError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def select(name: str) -> str:
+    """Choose the Keras backend for this process. Call before anything imports keras.
+
+    Args:
+        name: "torch", "tensorflow" or "jax".
+
+    Returns:
+        The backend name.
+
+    Raises:
+        FlowersError: unknown backend, framework not installed, or keras already imported with
+            a different backend in this process.
+    """
+    check_name(name)
+    for module, extra in {_REQUIREMENTS[name], ("tensorflow", "tensorflow")}:
+        if importlib.util.find_spec(module) is None:
+            raise FlowersError(
+                f"backend {name!r} needs {module}, which is not installed; "
+                f"install it with: pip install -e '.[{extra}]'"
+            )
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != name:
+            raise FlowersError(
+                f"keras is already loaded with backend {keras.backend.backend()!r} in this process; "
+                f"run {name!r} in a new process"
+            )
+    os.environ["KERAS_BACKEND"] = name
+    # TensorFlow's C++ start-up chatter would bury the one-line messages users need to see.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    return name
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Version of each backend's framework, or None when it is not installed (imports nothing)."""
+    found = {}
+    for name, dists in _DISTRIBUTIONS.items():
+        found[name] = next((v for d in dists if (v := _dist_version(d))), None)
+    return found
+
+
+def versions(name: str) -> dict[str, str | None]:
+    """Versions that identify a measurement: backend framework, keras, tensorflow (tf.data), python."""
+    installed = installed_versions()
+    return {
+        "backend_version": installed[name],
+        "keras_version": _dist_version("keras"),
+        "tensorflow_version": installed["tensorflow"],
+        "python_version": platform.python_version(),
+    }
+
+
+def hide_gpus_from_tensorflow(name: str) -> None:
+    """Keep TensorFlow (used only for tf.data) off the GPU when it is not the training backend."""
+    if name == "tensorflow":
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # devices already initialised: nothing was claimed through us, keep going
+
+
+def device(name: str) -> str:
+    """The device this backend computes on: the GPU's name, or "cpu"."""
+    if name == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            return "cpu"
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu")
+    import jax
+
+    first = jax.devices()[0]
+    return "cpu" if first.platform == "cpu" else first.device_kind
+
+
+def reset_peak_device_memory(name: str) -> None:
+    """Start a new peak window for peak_device_memory_mb (no-op on CPU)."""
+    if device(name) == "cpu":
+        return
+    if name == "torch":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    elif name == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    # jax has no reset; its peak counts from process start, which is this run's start.
+
+
+def peak_device_memory_mb(name: str) -> tuple[float | None, str | None]:
+    """Framework allocator peak on the GPU in MiB, or (None, reason) where it cannot be measured."""
+    if device(name) == "cpu":
+        return None, CPU_MEMORY_REASON
+    if name == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20, None
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, None
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return None, "jax device reports no peak_bytes_in_use"
+    return stats["peak_bytes_in_use"] / 2**20, None
+
+
+def host_info() -> dict[str, Any]:
+    """CPU model, logical cores and RAM of this machine (for report headers)."""
+    import psutil
+
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+    }
+
+
+def nvidia_gpus() -> list[str]:
+    """Names of NVIDIA GPUs reported by nvidia-smi (empty without a driver); imports no framework."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,264 @@
+"""Experiments: the TOML files in experiments/, their validation and `--set section.key=value` overrides.
+
+An experiment is three frozen sections ([data], [model], [train]). Every knob that changes a result
+lives here, so a run's config.json says everything needed to repeat it. Validation happens before any
+heavy import or data loading: a typo costs a second, not a model build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from flowers.errors import FlowersError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they become batches."""
+
+    # "tfds:NAME" | "folder:PATH" | "synthetic"
+    source: str = "synthetic"
+    # tfds split expressions (e.g. "train[:80%]"); ignored by other sources
+    train_split: str = "train"
+    val_split: str = "test"
+    # folder sources without train/ and test|val/ subfolders are split by this fraction
+    val_fraction: float = 0.2
+    image_size: int = 224
+    shuffle_buffer: int = 1000
+    # cache decoded, resized images in memory when they fit (see data.py)
+    cache: bool = True
+    # random flip / rotation / zoom on training images (Keras preprocessing layers)
+    augment: bool = False
+    synthetic_train_images: int = 256
+    synthetic_val_images: int = 64
+    synthetic_classes: int = 5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The classifier: ResNet50 backbone + GAP -> Dense(head_units, relu) -> Dropout -> softmax."""
+
+    # "imagenet" | "none" | path to a ResNet50 (include_top=False) weights file
+    weights: str = "imagenet"
+    freeze_backbone: bool = True
+    head_units: int = 128
+    dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and measurement settings."""
+
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 10
+    seed: int = 42
+    # timed predict calls per batch size for latency_ms (after 3 untimed warm-up calls)
+    latency_repeats: int = 20
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SOURCE_KINDS = ("tfds:NAME", "folder:PATH", "synthetic")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: a name, a description and the three sections."""
+
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            **{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS},
+        }
+
+    def config_hash(self) -> str:
+        """Short hash of the settings that change results (not name or description)."""
+        settings = {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+        blob = json.dumps(settings, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def experiments_dir() -> Path:
+    """experiments/ of this checkout, or $FLOWERS_EXPERIMENTS_DIR."""
+    env = os.environ.get("FLOWERS_EXPERIMENTS_DIR")
+    return Path(env) if env else PROJECT_ROOT / "experiments"
+
+
+def list_experiments() -> list[str]:
+    return sorted(p.stem for p in experiments_dir().glob("*.toml"))
+
+
+def load_experiment(name_or_path: str, overrides: Iterable[str] = ()) -> Experiment:
+    """Read an experiment by name (experiments/NAME.toml) or path, apply overrides, validate.
+
+    Args:
+        name_or_path: experiment name, or a path to a .toml file.
+        overrides: strings "section.key=value", applied in order.
+
+    Returns:
+        The validated Experiment.
+
+    Raises:
+        FlowersError: unknown experiment, unknown key, bad type or out-of-range value.
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = experiments_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        available = ", ".join(list_experiments()) or "none"
+        raise FlowersError(
+            f"unknown experiment {name_or_path!r}; available: {available} "
+            f"(in {experiments_dir()})"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FlowersError(f"{path}: not valid TOML: {exc}") from None
+    experiment = from_dict(raw, name=path.stem, origin=str(path))
+    return apply_overrides(experiment, overrides)
+
+
+def from_dict(raw: Mapping[str, Any], name: str | None = None, origin: str = "config") -> Experiment:
+    """Build and validate an Experiment from a dict shaped like the TOML file (or config.json)."""
+    allowed_top = {"name", "description", *SECTIONS}
+    unknown = sorted(set(raw) - allowed_top)
+    if unknown:
+        raise FlowersError(
+            f"{origin}: unknown top-level key(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(allowed_top))}"
+        )
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section, {})
+        if not isinstance(values, Mapping):
+            raise FlowersError(f"{origin}: [{section}] must be a table of key = value")
+        kwargs = {}
+        for key, value in values.items():
+            field_type = _field_types(cls).get(key)
+            if field_type is None:
+                raise _unknown_key(section, key)
+            kwargs[key] = _check_type(f"{section}.{key}", value, field_type)
+        sections[section] = cls(**kwargs)
+    experiment = Experiment(
+        name=str(raw.get("name") or name or "unnamed"),
+        description=str(raw.get("description", "")),
+        **sections,
+    )
+    validate(experiment)
+    return experiment
+
+
+def apply_overrides(experiment: Experiment, overrides: Iterable[str]) -> Experiment:
+    """Apply "section.key=value" strings; values are parsed by the field's type."""
+    for override in overrides:
+        target, sep, text = override.partition("=")
+        section, dot, key = target.strip().partition(".")
+        if not sep or not dot:
+            raise FlowersError(f"--set {override!r}: expected section.key=value, e.g. train.epochs=1")
+        if section not in SECTIONS:
+            raise FlowersError(
+                f"--set {override!r}: unknown section {section!r}; valid: {', '.join(SECTIONS)}"
+            )
+        field_type = _field_types(SECTIONS[section]).get(key)
+        if field_type is None:
+            raise _unknown_key(section, key)
+        value = _parse(f"{section}.{key}", text.strip(), field_type)
+        updated = dataclasses.replace(getattr(experiment, section), **{key: value})
+        experiment = dataclasses.replace(experiment, **{section: updated})
+    validate(experiment)
+    return experiment
+
+
+def validate(experiment: Experiment) -> None:
+    """Range and consistency checks; raises FlowersError naming the key and the bad value."""
+    d, m, t = experiment.data, experiment.model, experiment.train
+    _require(d.image_size >= 32, "data.image_size", d.image_size, "must be >= 32 (ResNet50 minimum)")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+    for key in ("synthetic_train_images", "synthetic_val_images"):
+        _require(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
+    _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, "must be >= 2")
+    source_kind(d.source)  # validates the form and, for folders, that the path exists
+    _require(m.head_units >= 1, "model.head_units", m.head_units, "must be >= 1")
+    _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    if m.weights not in ("imagenet", "none") and not Path(m.weights).expanduser().is_file():
+        raise FlowersError(
+            f"model.weights={m.weights!r}: weights file not found; use 'imagenet', 'none' "
+            "or the path of a ResNet50 (include_top=False) weights file"
+        )
+    _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(t.latency_repeats >= 1, "train.latency_repeats", t.latency_repeats, "must be >= 1")
+
+
+def source_kind(source: str) -> tuple[str, str]:
+    """Split data.source into (kind, argument): ("tfds", NAME), ("folder", PATH), ("synthetic", "")."""
+    kind, sep, arg = source.partition(":")
+    if kind == "synthetic" and not sep:
+        return "synthetic", ""
+    if kind == "tfds" and arg:
+        return "tfds", arg
+    if kind == "folder" and arg:
+        path = Path(arg).expanduser()
+        if not path.is_dir():
+            raise FlowersError(f"data.source={source!r}: folder {str(path)!r} does not exist")
+        return "folder", str(path)
+    raise FlowersError(f"data.source={source!r}: expected one of {', '.join(SOURCE_KINDS)}")
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    # `from __future__ import annotations` makes f.type a string; map it back to the builtin.
+    builtin = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: builtin[f.type] for f in fields(cls)}
+
+
+def _unknown_key(section: str, key: str) -> FlowersError:
+    valid = ", ".join(f.name for f in fields(SECTIONS[section]))
+    return FlowersError(f"unknown key {section}.{key}; valid keys of [{section}]: {valid}")
+
+
+def _check_type(name: str, value: Any, field_type: type) -> Any:
+    if field_type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if field_type is not bool and isinstance(value, bool) or not isinstance(value, field_type):
+        raise FlowersError(f"{name}={value!r}: expected {field_type.__name__}")
+    return value
+
+
+def _parse(name: str, text: str, field_type: type) -> Any:
+    if field_type is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise FlowersError(f"{name}={text!r}: expected true or false")
+    if field_type is str:
+        return text
+    try:
+        return field_type(text)
+    except ValueError:
+        raise FlowersError(f"{name}={text!r}: expected {field_type.__name__}") from None
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise FlowersError(f"{name}={value!r}: {rule}")

@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can fix; the CLI prints it as a single line."""
+
+
+class FlowersError(Exception):
+    """A problem with what the user asked for (bad config, missing path, no network...).
+
+    The message is one line that says what failed and what to do instead.
+    """

@@ -1,0 +1,115 @@
+"""The one model definition used by every backend, and saving/loading it with its class names.
+
+build_model() puts ResNet50's preprocess_input INSIDE the model, so every saved or exported model
+takes plain RGB images (0..255) and nobody has to remember the caffe-style BGR/mean-subtraction step.
+Import this module only after flowers.backend.select(): it imports keras.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import keras
+
+from flowers import weights as imagenet_weights
+from flowers.config import ModelConfig
+from flowers.errors import FlowersError
+
+# Extra member stored inside model.keras (keras ignores unknown zip members when loading).
+CLASS_NAMES_MEMBER = "flowers_class_names.json"
+
+
+@keras.saving.register_keras_serializable(package="flowers")
+class ResNet50Preprocess(keras.layers.Layer):
+    """RGB images in 0..255 -> ResNet50 input (RGB->BGR, ImageNet channel means subtracted)."""
+
+    def call(self, images):
+        images = keras.ops.cast(images, self.compute_dtype)
+        return keras.applications.resnet50.preprocess_input(images)
+
+
+def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
+    """Build the classifier: preprocessing -> ResNet50 -> GAP -> Dense relu -> Dropout -> softmax.
+
+    Args:
+        config: the [model] section (weights, freeze_backbone, head_units, dropout).
+        image_size: side of the square RGB input.
+        num_classes: size of the softmax output.
+
+    Returns:
+        An uncompiled keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
+        and returning class probabilities [N, num_classes].
+
+    Raises:
+        FlowersError: fewer than 2 classes, ImageNet weights unavailable, or an unusable weights file.
+    """
+    if num_classes < 2:
+        raise FlowersError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    imagenet_weights.check_available(config.weights)
+    weights = None if config.weights == "none" else config.weights
+    if weights not in (None, "imagenet"):
+        weights = str(Path(weights).expanduser())
+
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = ResNet50Preprocess(name="resnet50_preprocess")(inputs)
+    try:
+        backbone = keras.applications.ResNet50(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+        )
+    except Exception as exc:  # keras raises bare Exception for failed downloads
+        if weights == "imagenet":
+            raise FlowersError(f"could not download ResNet50 ImageNet weights ({exc}); use "
+                               "--set model.weights=none or model.weights=PATH") from None
+        raise FlowersError(f"model.weights={config.weights!r}: not a ResNet50 (include_top=False) "
+                           f"weights file: {exc}") from None
+    backbone.trainable = not config.freeze_backbone
+    # A frozen backbone also keeps its BatchNorm layers in inference mode (transfer-learning rule).
+    x = backbone(x, training=False) if config.freeze_backbone else backbone(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="flowers_resnet50")
+
+
+def save_model(model: keras.Model, path: Path, class_names: list[str]) -> None:
+    """Save model.keras with the class names stored inside the same file."""
+    model.save(path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(CLASS_NAMES_MEMBER, json.dumps(class_names))
+
+
+def load_model(path: Path) -> tuple[keras.Model, list[str]]:
+    """Load a model.keras written by save_model(); returns (model, class_names).
+
+    Raises:
+        FlowersError: the file is missing or is not a Keras model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FlowersError(f"model file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            class_names = (json.loads(archive.read(CLASS_NAMES_MEMBER))
+                           if CLASS_NAMES_MEMBER in names else None)
+        model = keras.saving.load_model(path, compile=False)
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise FlowersError(f"{path}: not a readable .keras model ({exc})") from None
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(model.output_shape[-1])]
+    return model, class_names
+
+
+def compile_model(model: keras.Model, learning_rate: float, num_classes: int) -> None:
+    """Adam + sparse categorical cross-entropy, with top-1 and top-5 accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
+        ],
+    )

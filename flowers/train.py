@@ -1,0 +1,191 @@
+"""Training and evaluation: compile, fit, evaluate, measure, and write a complete run directory.
+
+Import only after flowers.backend.select(): it imports keras.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from flowers import backend, data, runs, weights
+from flowers.config import Experiment
+from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
+from flowers.model import build_model, compile_model, load_model, save_model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Times each epoch's training steps and whole epoch; persists them for --resume.
+
+    Times are keyed by epoch index, so an epoch re-run after an interruption replaces its entry.
+    """
+
+    def __init__(self, progress_path: Path):
+        super().__init__()
+        self.progress_path = progress_path
+        saved = runs.read_json(progress_path) if progress_path.is_file() else {}
+        self.train_s = {int(k): v for k, v in saved.get("train_s", {}).items()}
+        self.wall_s = {int(k): v for k, v in saved.get("wall_s", {}).items()}
+        self._epoch = 0
+        self._start = self._train_end = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._start = self._train_end = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        # During fit, validation starts right after the epoch's last training step.
+        self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = time.perf_counter()
+        if self._train_end <= self._start:  # no validation ran this epoch
+            self._train_end = end
+        self.train_s[epoch] = self._train_end - self._start
+        self.wall_s[epoch] = end - self._start
+        runs.write_json(self.progress_path, {"train_s": self.train_s, "wall_s": self.wall_s})
+
+    def epoch_times_s(self, epochs: int) -> list[float]:
+        return [self.train_s[e] for e in range(epochs)]
+
+    def total_wall_s(self, epochs: int) -> float:
+        return sum(self.wall_s[e] for e in range(epochs))
+
+
+def train(experiment: Experiment, backend_name: str, runs_root: Path,
+          resume_dir: Path | None = None,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> Path:
+    """Train `experiment` under the selected backend and write a complete run directory.
+
+    Args:
+        experiment: validated experiment.
+        backend_name: the backend chosen with backend.select() (keras already uses it).
+        runs_root: root of the run directories.
+        resume_dir: an `.incomplete-` run directory to continue (its checkpoint is restored).
+        callbacks: extra Keras callbacks (run after the built-in ones).
+
+    Returns:
+        The final run directory.
+    """
+    cfg = experiment
+    keras.utils.set_random_seed(cfg.train.seed)
+    backend.hide_gpus_from_tensorflow(backend_name)
+    weights.check_available(cfg.model.weights)
+    splits = data.load(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    num_classes = len(splits.class_names)
+    model = build_model(cfg.model, cfg.data.image_size, num_classes)
+    compile_model(model, cfg.train.learning_rate, num_classes)
+
+    run_dir = resume_dir or runs.start_run(runs_root, cfg, backend_name)
+    run_id = runs.read_json(run_dir / "config.json")["run_id"]
+    runs.write_json(run_dir / "class_names.json", splits.class_names)
+    timer = EpochTimer(run_dir / "progress.json")
+    fit_callbacks = [
+        # First, so the restored epoch is known before the other callbacks start.
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        timer,
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, profile_batch=0),
+        *callbacks,
+    ]
+
+    with HostMemorySampler() as host_memory:
+        backend.reset_peak_device_memory(backend_name)
+        model.fit(splits.train, validation_data=splits.val, epochs=cfg.train.epochs,
+                  callbacks=fit_callbacks, shuffle=False, verbose=2)
+        start = time.perf_counter()
+        scores = model.evaluate(splits.val, return_dict=True, verbose=0)
+        eval_time_s = time.perf_counter() - start
+        sample_images = next(iter(splits.val))[0].numpy()
+        latency = latency_ms(model.predict_on_batch, sample_images, cfg.train.latency_repeats)
+    peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
+
+    epoch_times = timer.epoch_times_s(cfg.train.epochs)
+    images_per_s, speed_reason = throughput(splits.num_train, epoch_times)
+    null_reasons = {k: r for k, r in (("peak_device_mem_mb", device_reason),
+                                       ("train_images_per_s", speed_reason)) if r}
+    metrics = build_metrics({
+        "experiment": cfg.name,
+        "backend": backend_name,
+        **backend.versions(backend_name),
+        "device": backend.device(backend_name),
+        "host": backend.host_info(),
+        "config_hash": cfg.config_hash(),
+        "run_id": run_id,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "resumed": resume_dir is not None,
+        "num_train": splits.num_train,
+        "num_val": splits.num_val,
+        "num_classes": num_classes,
+        "skipped_files": len(splits.skipped_files),
+        "data_cached": splits.cached,
+        "epochs": cfg.train.epochs,
+        "train_time_s": timer.total_wall_s(cfg.train.epochs),
+        "epoch_times_s": epoch_times,
+        "first_epoch_s": epoch_times[0],
+        "train_images_per_s": images_per_s,
+        "peak_host_rss_mb": host_memory.peak_mb,
+        "peak_device_mem_mb": peak_device_mb,
+        "eval_time_s": eval_time_s,
+        "latency_ms": latency,
+        "val_loss": float(scores["loss"]),
+        "val_accuracy": float(scores["accuracy"]),
+        "val_top5_accuracy": float(scores["top5_accuracy"]),
+    }, null_reasons)
+    if splits.skipped_files:
+        runs.write_json(run_dir / "skipped_files.json", splits.skipped_files)
+    runs.write_json(run_dir / "metrics.json", metrics)
+    _dedupe_history(run_dir / "history.csv")
+    save_model(model, run_dir / "model.keras", splits.class_names)
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    (run_dir / "progress.json").unlink(missing_ok=True)
+    return runs.finalize(run_dir)
+
+
+def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:
+    """Re-evaluate a run's model.keras on its validation split under the selected backend.
+
+    Returns:
+        A dict with the run, both backends, the device and val_loss/val_accuracy/val_top5_accuracy.
+    """
+    experiment, raw = runs.read_run_config(run_dir)
+    backend.hide_gpus_from_tensorflow(backend_name)
+    splits = data.load(experiment.data, experiment.train.batch_size, experiment.train.seed)
+    model, class_names = load_model(run_dir / "model.keras")
+    compile_model(model, experiment.train.learning_rate, len(class_names))
+    start = time.perf_counter()
+    scores = model.evaluate(splits.val, return_dict=True, verbose=0)
+    return {
+        "run_dir": str(run_dir),
+        "trained_backend": raw["backend"],
+        "backend": backend_name,
+        "device": backend.device(backend_name),
+        "num_val": splits.num_val,
+        "val_loss": float(scores["loss"]),
+        "val_accuracy": float(scores["accuracy"]),
+        "val_top5_accuracy": float(scores["top5_accuracy"]),
+        "eval_time_s": time.perf_counter() - start,
+    }
+
+
+def _dedupe_history(path: Path) -> None:
+    """Keep the last row per epoch: an epoch re-run after an interruption is logged twice."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    by_epoch = {row["epoch"]: row for row in rows}
+    ordered = sorted(by_epoch.values(), key=lambda r: int(r["epoch"]))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(ordered)
