@@ -69,8 +69,28 @@ def select(name: str) -> str:
     os.environ["KERAS_BACKEND"] = name
     # TensorFlow's C++ start-up chatter would bury the one-line messages users need to see.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    _import_tensorflow_quietly()
     return name
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow (every backend needs it for tf.data) without its C++ start-up lines.
+
+    Those lines ("oneDNN custom operations are on", "All log messages before absl::InitializeLog")
+    are written before TF_CPP_MIN_LOG_LEVEL takes effect, so stderr is muted while TensorFlow
+    loads. TF_CPP_MIN_LOG_LEVEL=0 keeps them. Python exceptions are unaffected.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved_fd, devnull_fd = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull_fd, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        os.close(devnull_fd)
 
 
 def installed_versions() -> dict[str, str | None]:

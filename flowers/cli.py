@@ -7,6 +7,7 @@ Every FlowersError (and click usage error) becomes one line on stderr and a non-
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -116,6 +117,11 @@ def _differences(saved: dict, wanted: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, non-zero exits, no tracebacks for user mistakes."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.getLogger("flowers").addHandler(handler)
+    # tensorflow-datasets and TF warn through absl about internals a user cannot act on.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="flowers", standalone_mode=False)
     except FlowersError as exc:

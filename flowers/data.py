@@ -13,6 +13,7 @@ ResNet50's preprocessing lives inside the model, so exported models take plain R
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from flowers.errors import FlowersError
 IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
 # Cache decoded images only while they take at most this share of the available RAM.
 CACHE_RAM_SHARE = 0.5
+log = logging.getLogger(__name__)
 OFFLINE_ADVICE = "use --set data.source=folder:PATH, data.source=synthetic, or --experiment smoke"
 
 
@@ -168,6 +170,10 @@ def scan_folder(root: Path, val_fraction: float, seed: int) -> FolderListing:
     with ThreadPoolExecutor(max_workers=8) as pool:
         problems = dict(zip(every_file, pool.map(_image_problem, every_file), strict=True))
     skipped = [str(f) for f, problem in problems.items() if problem]
+    if skipped:
+        first = "; ".join(f"{f}: {problems[Path(f)]}" for f in skipped[:3])
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), root, first, more)
 
     def keep(per_class: list[list[Path]]) -> tuple[list[str], list[int]]:
         pairs = [(str(f), label) for label, files in enumerate(per_class) for f in files

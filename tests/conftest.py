@@ -1,0 +1,83 @@
+"""Shared fixtures: the CLI in subprocesses (one backend per process) and runs reused across tests.
+
+Training runs are session-scoped so the smoke and flowers12 runs are made once and reused by the
+train, evaluate, export and compare tests; the suite stays minutes long on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FLOWERS12 = PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
+BACKENDS = ("torch", "tensorflow", "jax")
+
+
+def flowers(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the flowers CLI in a fresh process (so each gets its own keras backend)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("KERAS_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "flowers.cli", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=PROJECT_ROOT)
+
+
+def python(code: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh process (for drivers that patch the network or add hooks)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("KERAS_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=PROJECT_ROOT)
+
+
+def run_dir_of(result: subprocess.CompletedProcess) -> Path:
+    """The run directory `flowers train` printed on its last line (asserting it succeeded)."""
+    assert result.returncode == 0, f"flowers failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """Assert a user error: non-zero exit, no traceback, exactly one line on stderr; return it."""
+    assert result.returncode != 0, f"expected failure, got success:\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def flowers12() -> Path:
+    if not FLOWERS12.is_dir():
+        pytest.fail(f"real-photo tests need {FLOWERS12} (the shared/ folder beside the project); "
+                    "it is missing")
+    return FLOWERS12
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(runs_root) -> dict[str, Path]:
+    """One smoke run per backend (synthetic images, 32 px, 2 epochs)."""
+    return {b: run_dir_of(flowers("train", "-e", "smoke", "--backend", b, "--runs-dir",
+                                  str(runs_root))) for b in BACKENDS}
+
+
+@pytest.fixture(scope="session")
+def flowers12_runs(runs_root, flowers12) -> dict[str, Path]:
+    """One run per backend of experiments/flowers12.toml (real photos, random weights, 32 px)."""
+    return {b: run_dir_of(flowers("train", "-e", "flowers12", "--backend", b, "--runs-dir",
+                                  str(runs_root))) for b in BACKENDS}
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

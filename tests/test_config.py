@@ -1,0 +1,79 @@
+"""Experiment files and --set overrides (in-process: nothing here imports keras)."""
+
+import pytest
+
+from flowers import config
+from flowers.errors import FlowersError
+
+
+def test_shipped_experiments_load():
+    assert {"baseline", "flowers102", "smoke", "flowers12"} <= set(config.list_experiments())
+    baseline = config.load_experiment("baseline")
+    assert baseline.data.source == "tfds:oxford_flowers102"
+    assert (baseline.data.train_split, baseline.data.val_split) == ("train[:80%]", "train[80%:]")
+    assert baseline.data.image_size == 224 and baseline.model.weights == "imagenet"
+    assert baseline.model.freeze_backbone and baseline.model.head_units == 128
+    assert baseline.model.dropout == 0.5
+    assert (baseline.train.learning_rate, baseline.train.batch_size, baseline.train.epochs) == (1e-3, 32, 10)
+    assert baseline.data.shuffle_buffer == 1000
+    flowers102 = config.load_experiment("flowers102")
+    assert (flowers102.data.train_split, flowers102.data.val_split) == ("train+validation", "test")
+
+
+def test_overrides_are_typed():
+    exp = config.load_experiment("smoke", ["train.epochs=1", "data.image_size=64",
+                                           "train.learning_rate=3e-4", "data.cache=false",
+                                           "model.weights=none"])
+    assert exp.train.epochs == 1 and exp.data.image_size == 64
+    assert exp.train.learning_rate == 3e-4 and exp.data.cache is False
+
+
+def test_config_hash_follows_settings_not_names():
+    a = config.load_experiment("smoke")
+    b = config.load_experiment("smoke", ["train.epochs=3"])
+    assert a.config_hash() != b.config_hash()
+    assert config.from_dict(a.to_dict()).config_hash() == a.config_hash()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochz=3", "unknown key train.epochz; valid keys of [train]: learning_rate"),
+    ("optim.lr=1", "unknown section 'optim'"),
+    ("train.epochs=abc", "train.epochs='abc': expected int"),
+    ("data.cache=maybe", "expected true or false"),
+    ("train.batch_size=0", "train.batch_size=0: must be >= 1"),
+    ("train.learning_rate=0", "train.learning_rate=0.0: must be > 0"),
+    ("train.learning_rate=-1e-3", "must be > 0"),
+    ("train.epochs=0", "train.epochs=0: must be >= 1"),
+    ("data.image_size=16", "data.image_size=16: must be >= 32"),
+    ("data.val_fraction=1.5", "data.val_fraction=1.5: must be in (0, 1)"),
+    ("data.val_fraction=0", "must be in (0, 1)"),
+    ("data.source=ftp:x", "expected one of tfds:NAME, folder:PATH, synthetic"),
+    ("data.source=folder:/no/such/dir", "does not exist"),
+    ("model.weights=/no/such/weights.h5", "weights file not found"),
+    ("epochs=3", "expected section.key=value"),
+])
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(FlowersError, match=None) as info:
+        config.load_experiment("smoke", [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_experiment_lists_available():
+    with pytest.raises(FlowersError) as info:
+        config.load_experiment("nope")
+    assert "unknown experiment 'nope'" in str(info.value)
+    assert "baseline" in str(info.value) and "smoke" in str(info.value)
+
+
+def test_bad_experiment_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nepochs = "ten"\n')
+    with pytest.raises(FlowersError, match="train.epochs='ten': expected int"):
+        config.load_experiment(str(bad))
+    bad.write_text("[trian]\nepochs = 1\n")
+    with pytest.raises(FlowersError, match="unknown top-level key"):
+        config.load_experiment(str(bad))
+    bad.write_text("[train\n")
+    with pytest.raises(FlowersError, match="not valid TOML"):
+        config.load_experiment(str(bad))

@@ -1,0 +1,82 @@
+"""Folder scanning, splitting and synthetic images (in-process, no keras)."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from flowers import config
+from flowers.data import scan_folder, synthetic_images
+from flowers.errors import FlowersError
+
+
+def _photo_folder(tmp_path, flowers12, classes=3, per_class=5):
+    """A small one-level class folder made of real flowers12 photos."""
+    root = tmp_path / "photos"
+    for species in sorted(p.name for p in (flowers12 / "train").iterdir())[:classes]:
+        (root / species).mkdir(parents=True)
+        for photo in sorted((flowers12 / "train" / species).iterdir())[:per_class]:
+            shutil.copy(photo, root / species / photo.name)
+    return root
+
+
+def test_explicit_train_test_folders(flowers12):
+    listing = scan_folder(flowers12, 0.2, seed=0)
+    assert len(listing.class_names) == 12
+    assert (len(listing.train_files), len(listing.val_files)) == (720, 240)
+    assert listing.skipped_files == []
+    assert all("/train/" in f for f in listing.train_files)
+
+
+def test_single_folder_split_is_stratified_and_seeded(tmp_path, flowers12):
+    root = _photo_folder(tmp_path, flowers12, classes=3, per_class=10)
+    a = scan_folder(root, 0.2, seed=1)
+    b = scan_folder(root, 0.2, seed=1)
+    c = scan_folder(root, 0.2, seed=2)
+    assert a.val_files == b.val_files and a.val_files != c.val_files
+    assert np.bincount(a.val_labels).tolist() == [2, 2, 2]
+    assert not set(a.train_files) & set(a.val_files)
+
+
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, flowers12, caplog):
+    root = _photo_folder(tmp_path, flowers12)
+    first_class = sorted(root.iterdir())[0]
+    (first_class / "notes.txt").write_text("not an image")
+    good = sorted(first_class.glob("*.jpg"))[0].read_bytes()
+    (first_class / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    listing = scan_folder(root, 0.2, seed=0)
+    assert sorted(p.rsplit("/", 1)[1] for p in listing.skipped_files) == ["notes.txt", "truncated.jpg"]
+    assert len(listing.train_files) + len(listing.val_files) == 15
+    assert "skipped 2 unreadable file(s)" in caplog.text and "notes.txt" in caplog.text
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("empty", "has no class subfolders"),
+    ("one_class", "has a single class"),
+    ("all_corrupt", "no readable training images for class(es) b"),
+])
+def test_unusable_folders(tmp_path, flowers12, layout, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    photo = next((flowers12 / "train").rglob("*.jpg"))
+    if layout in ("one_class", "all_corrupt"):
+        (root / "a").mkdir()
+        for i in range(3):
+            shutil.copy(photo, root / "a" / f"{i}.jpg")
+    if layout == "all_corrupt":
+        (root / "b").mkdir()
+        (root / "b" / "x.jpg").write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(FlowersError) as info:
+        scan_folder(root, 0.2, seed=0)
+    assert message in str(info.value)
+
+
+def test_synthetic_images_are_seeded_and_balanced():
+    cfg = config.load_experiment("smoke").data
+    (x, y), (xv, yv), names = synthetic_images(cfg, seed=3)
+    (x2, _), _, _ = synthetic_images(cfg, seed=3)
+    assert x.dtype == np.uint8 and x.shape == (cfg.synthetic_train_images, 32, 32, 3)
+    assert np.array_equal(x, x2)
+    assert len(names) == cfg.synthetic_classes
+    assert np.bincount(y).min() == np.bincount(y).max()
+    assert len(xv) == cfg.synthetic_val_images
