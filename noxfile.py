@@ -1,0 +1,81 @@
+"""nox sessions, named after what a person wants done; each installs only what it needs.
+
+    nox -s train-torch train-tensorflow            # the reference job (EXPERIMENT=baseline default)
+    nox -s train-jax -- --experiment smoke         # arguments after -- go to `flowers train`
+    nox -s train-torch -- --cpu                    # force CPU builds (--gpu forces CUDA builds)
+    nox -s tests                                   # the test suite (what .ci/run runs)
+
+A session installs CUDA builds when nvidia-smi reports a GPU, CPU builds otherwise. TensorFlow is in
+every training session because tf.data feeds every backend; the torch and jax sessions get its CPU
+build so it never competes with them for the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+
+BACKENDS = ("torch", "tensorflow", "jax")
+TENSORFLOW_GPU = "tensorflow[and-cuda]==2.21.0"
+# Installed on top of the backend's extra when a GPU is used.
+GPU_PACKAGES = {"torch": [], "tensorflow": [TENSORFLOW_GPU], "jax": ["jax[cuda12]==0.10.2"]}
+
+
+def has_nvidia_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
+def split_device_args(posargs: list[str]) -> tuple[bool, list[str]]:
+    """(use_gpu, remaining args): --gpu / --cpu override nvidia-smi detection."""
+    rest = [a for a in posargs if a not in ("--cpu", "--gpu")]
+    if "--gpu" in posargs:
+        return True, rest
+    if "--cpu" in posargs:
+        return False, rest
+    return has_nvidia_gpu(), rest
+
+
+def install_backend(session: nox.Session, backend: str, gpu: bool, extras: str = "") -> None:
+    """Install flowers with one backend's stack: CUDA builds when gpu, CPU builds otherwise."""
+    tensorflow_gpu = gpu and backend == "tensorflow"
+    # tensorflow and tensorflow-cpu install the same module: never leave both in a reused venv.
+    other_tf = "tensorflow-cpu" if tensorflow_gpu else "tensorflow"
+    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", other_tf, silent=True)
+    # The backend extras bring tensorflow-cpu, so TensorFlow on a GPU is installed without them.
+    extra_list = ",".join(e for e in ("" if tensorflow_gpu else backend, extras) if e)
+    target = f".[{extra_list}]" if extra_list else "."
+    session.install("-e", target, *(GPU_PACKAGES[backend] if gpu else []))
+    session.log(f"{backend}: {'CUDA' if gpu else 'CPU'} builds installed")
+
+
+def train_session(backend: str):
+    def session_fn(session: nox.Session) -> None:
+        gpu, args = split_device_args(list(session.posargs))
+        install_backend(session, backend, gpu)
+        if not {"--experiment", "-e"} & set(args):
+            args = ["--experiment", os.environ.get("EXPERIMENT", "baseline"), *args]
+        session.run("flowers", "train", "--backend", backend, *args)
+
+    session_fn.__doc__ = f"Train an experiment under the {backend} backend (posargs: flowers train)."
+    return session_fn
+
+
+for _backend in BACKENDS:
+    nox.session(name=f"train-{_backend}")(train_session(_backend))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Lint, then the test suite (all three backends, CPU builds)."""
+    session.install("-e", ".[test]")
+    session.run("ruff", "check", ".")
+    session.run("pytest", *session.posargs)
