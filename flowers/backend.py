@@ -38,6 +38,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_installed(name: str) -> str:
+    """Raise a one-line error naming the pip extra when the backend's framework is missing."""
+    for module, extra in {_REQUIREMENTS[name], ("tensorflow", "tensorflow")}:
+        if importlib.util.find_spec(module) is None:
+            raise FlowersError(
+                f"backend {name!r} needs {module}, which is not installed; "
+                f"install it with: pip install -e '.[{extra}]'"
+            )
+    return name
+
+
 def select(name: str) -> str:
     """Choose the Keras backend for this process. Call before anything imports keras.
 
@@ -51,13 +62,7 @@ def select(name: str) -> str:
         FlowersError: unknown backend, framework not installed, or keras already imported with
             a different backend in this process.
     """
-    check_name(name)
-    for module, extra in {_REQUIREMENTS[name], ("tensorflow", "tensorflow")}:
-        if importlib.util.find_spec(module) is None:
-            raise FlowersError(
-                f"backend {name!r} needs {module}, which is not installed; "
-                f"install it with: pip install -e '.[{extra}]'"
-            )
+    check_installed(check_name(name))
     if "keras" in sys.modules:
         import keras
 
@@ -110,6 +115,15 @@ def versions(name: str) -> dict[str, str | None]:
         "tensorflow_version": installed["tensorflow"],
         "python_version": platform.python_version(),
     }
+
+
+def preferred_data_format(name: str) -> str:
+    """The backbone layout model.data_format="auto" picks (measured with `flowers bench`).
+
+    torch's convolutions take NCHW; with channels_last keras transposes around every conv.
+    TensorFlow on CPU only runs NHWC convolutions, and XLA (tensorflow, jax) picks its own layout.
+    """
+    return "channels_first" if name == "torch" else "channels_last"
 
 
 def hide_gpus_from_tensorflow(name: str) -> None:

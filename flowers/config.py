@@ -53,6 +53,9 @@ class ModelConfig:
     freeze_backbone: bool = True
     head_units: int = 128
     dropout: float = 0.5
+    # layout of the backbone's tensors: "auto" takes the measured-fastest one for the backend
+    # (see backend.preferred_data_format); saved models are always channels_last
+    data_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,17 @@ class TrainConfig:
     seed: int = 42
     # timed predict calls per batch size for latency_ms (after 3 untimed warm-up calls)
     latency_repeats: int = 20
+    # "auto" (keras: XLA on tensorflow/jax, eager on torch), "true" (XLA / torch.compile), "false"
+    jit_compile: str = "auto"
+    # keras dtype policy: "float32", "mixed_bfloat16" or "mixed_float16"
+    dtype_policy: str = "float32"
+    # frozen backbone, no augmentation: compute backbone features once, train the head on them
+    cache_features: bool = False
 
 
+DATA_FORMATS = ("auto", "channels_last", "channels_first")
+JIT_COMPILE = ("auto", "true", "false")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 SOURCE_KINDS = ("tfds:NAME", "folder:PATH", "synthetic")
 
@@ -207,6 +219,17 @@ def validate(experiment: Experiment) -> None:
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _require(t.latency_repeats >= 1, "train.latency_repeats", t.latency_repeats, "must be >= 1")
+    _require(m.data_format in DATA_FORMATS, "model.data_format", m.data_format,
+             f"must be one of {', '.join(DATA_FORMATS)}")
+    _require(t.jit_compile in JIT_COMPILE, "train.jit_compile", t.jit_compile,
+             f"must be one of {', '.join(JIT_COMPILE)}")
+    _require(t.dtype_policy in DTYPE_POLICIES, "train.dtype_policy", t.dtype_policy,
+             f"must be one of {', '.join(DTYPE_POLICIES)}")
+    if t.cache_features and (d.augment or not m.freeze_backbone):
+        why = "data.augment=true changes every epoch's images" if d.augment else \
+            "model.freeze_backbone=false changes the backbone every step"
+        raise FlowersError(f"train.cache_features=true needs fixed backbone features, but {why}; "
+                           "set train.cache_features=false")
 
 
 def source_kind(source: str) -> tuple[str, str]:

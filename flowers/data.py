@@ -38,8 +38,9 @@ OFFLINE_ADVICE = "use --set data.source=folder:PATH, data.source=synthetic, or -
 class Splits:
     """What load() returns: the two pipelines and the facts a run records about its data."""
 
-    train: object  # tf.data.Dataset of (float32 [B,S,S,3] 0..255, int32 [B])
+    train: object  # tf.data.Dataset of (float32 [B,S,S,3] 0..255, int32 [B]), shuffled
     val: object
+    train_in_order: object  # the training images unshuffled, unaugmented (for feature caching)
     class_names: list[str]
     num_train: int
     num_val: int
@@ -101,6 +102,7 @@ def load(config: DataConfig, batch_size: int, seed: int) -> Splits:
     return Splits(
         train=_finish(train, config, batch_size, seed, training=True, cached=cached),
         val=_finish(val, config, batch_size, seed, training=False, cached=cached),
+        train_in_order=_finish(train, config, batch_size, seed, training=False, cached=False),
         class_names=list(class_names),
         num_train=num_train,
         num_val=num_val,

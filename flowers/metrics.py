@@ -3,9 +3,11 @@
 How each figure is measured (the same code runs under torch, tensorflow and jax):
 - epoch_times_s: wall seconds of each epoch's training steps (validation excluded).
 - first_epoch_s: epoch_times_s[0]; it carries graph tracing / compilation / warm-up.
+- feature_extraction_s: train.cache_features only: computing the backbone features once.
 - train_images_per_s: num_train * (epochs - 1) / sum(epoch_times_s[1:]) -- the first epoch is
   excluded so compile time does not hide the steady-state speed. Needs >= 2 epochs.
-- train_time_s: wall seconds of all epochs, validation included (what a user waits for).
+- train_time_s: wall seconds of all epochs, validation included (what a user waits for), plus
+  feature_extraction_s when features are cached.
 - peak_host_rss_mb: largest resident set size of this process, sampled every 50 ms by a thread.
 - peak_device_mem_mb: the framework allocator's peak on the GPU; null on CPU.
 - eval_time_s: one model.evaluate over the validation split.
@@ -35,7 +37,8 @@ METRIC_KEYS = (
     "experiment", "backend", "backend_version", "keras_version", "tensorflow_version",
     "python_version", "device", "host", "config_hash", "run_id", "created", "resumed",
     "num_train", "num_val", "num_classes", "skipped_files", "data_cached",
-    "epochs", "train_time_s", "epoch_times_s", "first_epoch_s", "train_images_per_s",
+    "data_format", "jit_compile", "dtype_policy",
+    "epochs", "feature_extraction_s", "train_time_s", "epoch_times_s", "first_epoch_s", "train_images_per_s",
     "peak_host_rss_mb", "peak_device_mem_mb", "eval_time_s", "latency_ms",
     "val_loss", "val_accuracy", "val_top5_accuracy",
 )

@@ -7,6 +7,7 @@ Import this module only after flowers.backend.select(): it imports keras.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -27,7 +28,8 @@ class ResNet50Preprocess(keras.layers.Layer):
 
     def call(self, images):
         images = keras.ops.cast(images, self.compute_dtype)
-        return keras.applications.resnet50.preprocess_input(images)
+        # The model's input is always channels_last RGB, whatever layout the backbone uses.
+        return keras.applications.resnet50.preprocess_input(images, data_format="channels_last")
 
 
 def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
@@ -52,26 +54,75 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
     if weights not in (None, "imagenet"):
         weights = str(Path(weights).expanduser())
 
+    data_format = resolve_data_format(config.data_format)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = ResNet50Preprocess(name="resnet50_preprocess")(inputs)
+    if data_format == "channels_first":
+        x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
+    backbone = _resnet50(config.weights, weights, image_size, data_format)
+    backbone.trainable = not config.freeze_backbone
+    # A frozen backbone also keeps its BatchNorm layers in inference mode (transfer-learning rule).
+    x = backbone(x, training=False) if config.freeze_backbone else backbone(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
+    x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+    # float32 probabilities even under a mixed-precision policy (keras mixed-precision guide)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                                 name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="flowers_resnet50")
+
+
+def resolve_data_format(data_format: str) -> str:
+    """model.data_format, with "auto" replaced by the measured-fastest layout for this backend."""
+    if data_format != "auto":
+        return data_format
+    from flowers.backend import preferred_data_format
+
+    return preferred_data_format(keras.backend.backend())
+
+
+def portable(model: keras.Model, config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
+    """The model in the channels_last layout every backend and exporter can run (same weights).
+
+    Keras stores kernels in one layout whatever data_format a layer computes in, so the weights
+    of a channels_first model load unchanged into its channels_last twin.
+    """
+    if resolve_data_format(config.data_format) == "channels_last":
+        return model
+    twin = build_model(dataclasses.replace(config, weights="none", data_format="channels_last"),
+                       image_size, num_classes)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """Images -> pooled backbone features (the input of the head)."""
+    return keras.Model(model.input, model.get_layer("avg_pool").output, name="backbone_features")
+
+
+def head(model: keras.Model) -> keras.Model:
+    """Pooled features -> probabilities, sharing the head layers (and weights) of `model`."""
+    features = keras.Input(shape=model.get_layer("avg_pool").output.shape[1:], name="features")
+    x = features
+    for name in ("head_dense", "head_dropout", "probabilities"):
+        x = model.get_layer(name)(x)
+    return keras.Model(features, x, name="head")
+
+
+def _resnet50(requested: str, weights: str | None, image_size: int, data_format: str) -> keras.Model:
+    shape = (image_size, image_size, 3) if data_format == "channels_last" else (3, image_size, image_size)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format(data_format)  # keras.applications reads the global setting
     try:
-        backbone = keras.applications.ResNet50(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
-        )
+        return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
     except Exception as exc:  # keras raises bare Exception for failed downloads
         if weights == "imagenet":
             raise FlowersError(f"could not download ResNet50 ImageNet weights ({exc}); use "
                                "--set model.weights=none or model.weights=PATH") from None
-        raise FlowersError(f"model.weights={config.weights!r}: not a ResNet50 (include_top=False) "
+        raise FlowersError(f"model.weights={requested!r}: not a ResNet50 (include_top=False) "
                            f"weights file: {exc}") from None
-    backbone.trainable = not config.freeze_backbone
-    # A frozen backbone also keeps its BatchNorm layers in inference mode (transfer-learning rule).
-    x = backbone(x, training=False) if config.freeze_backbone else backbone(x)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="flowers_resnet50")
+    finally:
+        keras.config.set_image_data_format(previous)
 
 
 def save_model(model: keras.Model, path: Path, class_names: list[str]) -> None:
@@ -103,9 +154,14 @@ def load_model(path: Path) -> tuple[keras.Model, list[str]]:
     return model, class_names
 
 
-def compile_model(model: keras.Model, learning_rate: float, num_classes: int) -> None:
-    """Adam + sparse categorical cross-entropy, with top-1 and top-5 accuracy."""
+def compile_model(model: keras.Model, learning_rate: float, num_classes: int,
+                  jit_compile: str = "auto") -> None:
+    """Adam + sparse categorical cross-entropy, with top-1 and top-5 accuracy.
+
+    jit_compile is train.jit_compile: "auto" (keras decides), "true" or "false".
+    """
     model.compile(
+        jit_compile={"auto": "auto", "true": True, "false": False}[jit_compile],
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=[

@@ -51,12 +51,31 @@ def test_config_hash_follows_settings_not_names():
     ("data.source=folder:/no/such/dir", "does not exist"),
     ("model.weights=/no/such/weights.h5", "weights file not found"),
     ("epochs=3", "expected section.key=value"),
+    ("model.data_format=nhwc", "must be one of auto, channels_last, channels_first"),
+    ("train.jit_compile=yes", "must be one of auto, true, false"),
+    ("train.dtype_policy=float16", "must be one of float32, mixed_bfloat16, mixed_float16"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(FlowersError, match=None) as info:
         config.load_experiment("smoke", [override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("conflict, reason", [
+    ("data.augment=true", "data.augment=true changes every epoch's images"),
+    ("model.freeze_backbone=false", "model.freeze_backbone=false changes the backbone"),
+])
+def test_feature_cache_is_refused_where_it_would_change_the_math(conflict, reason):
+    with pytest.raises(FlowersError) as info:
+        config.load_experiment("smoke", ["train.cache_features=true", conflict])
+    assert reason in str(info.value) and "set train.cache_features=false" in str(info.value)
+
+
+def test_baseline_fast_is_the_baseline_with_cached_features():
+    fast, baseline = config.load_experiment("baseline-fast"), config.load_experiment("baseline")
+    assert fast.train.cache_features and not baseline.train.cache_features
+    assert (fast.data, fast.model) == (baseline.data, baseline.model)
 
 
 def test_unknown_experiment_lists_available():
