@@ -1,0 +1,473 @@
+"""`flowers export`: a run's model.keras as .keras / SavedModel / ONNX / LiteRT, verified and versioned.
+
+    exports/<experiment>/v<N>/  manifest.json  model.keras  savedmodel/  model.onnx  model.tflite
+
+A version is staged in exports/<experiment>/.incomplete-<id>/ and renamed to v<N> only when every
+format is written and verified, so a v<N> directory is always complete; N is one more than the
+highest existing version, and an existing version is never written again.
+
+Any training backend reaches every format: each format is written by the Keras backend that exports
+it best (WRITERS), in a process of its own (flowers/export_worker.py) that reloads model.keras.
+
+Verification: every exported file is opened in its own runtime (flowers/runtimes.py) -- .keras under
+each installed Keras backend, the SavedModel with tf.saved_model (both signatures), ONNX with
+onnxruntime, .tflite with the LiteRT interpreter -- and run on the same real images (the source run's
+validation images, VERIFICATION_IMAGES of them). The reference is model.keras under the backend that
+trained it. Every format is float32, so each must agree on the top-1 class for every image and stay
+within MAX_ABS_PROB_DIFF of the reference's probabilities; one that does not fails the export.
+Batch-1 latency p50 is recorded per runtime. All of it runs on the CPU, where the deployment runtimes
+run and where float32 results are not blurred by TF32 GPU math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowers import __version__, backend, data, runs, runtimes
+from flowers.config import PROJECT_ROOT, Experiment
+from flowers.errors import FlowersError
+from flowers.runtimes import EXPORT_EXTRA, FORMAT_PATHS, FORMATS, MANIFEST
+
+# format -> ((backend, modules its writer imports), ...), best first; keras is a copy of the run's
+# file. torch writes ONNX in ~12 s where tf2onnx (the tensorflow route) takes ~50 s for the same
+# numbers (smoke ResNet50, 2-core CPU), so torch comes first when it is installed.
+WRITERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "savedmodel": (("tensorflow", ("tensorflow",)),),
+    "onnx": (("torch", ("torch", "onnx")), ("tensorflow", ("tf2onnx", "onnx"))),
+    "tflite": (("tensorflow", ("tensorflow",)),),
+}
+WRITTEN_WITH = {"savedmodel": "keras.export.ExportArchive", "onnx": "model.export(format='onnx')",
+                "tflite": "model.export(format='litert')"}
+# What each format is for (README, manifest).
+TARGETS = {
+    "keras": "Keras 3 under torch, tensorflow or jax (keras.saving.load_model)",
+    "savedmodel": "TensorFlow Serving, tf.saved_model.load, TensorFlow.js/TF-TRT converters",
+    "onnx": "onnxruntime (CPU/GPU/mobile), TensorRT, OpenVINO and other ONNX runtimes",
+    "tflite": "the LiteRT (TensorFlow Lite) interpreter on Android, iOS, microcontrollers, edge",
+}
+VERIFICATION_IMAGES = 64
+MIN_VERIFICATION_IMAGES = 32
+MAX_ABS_PROB_DIFF = 1e-4
+STAGING_PREFIX = ".incomplete-"
+VERSION_NAME = re.compile(r"^v(\d+)$")
+# Distributions whose versions go into the manifest.
+PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib", "numpy", "onnx",
+            "onnxruntime", "tf2onnx", "onnxscript", "ai-edge-litert")
+
+
+def exports_root(override: str | Path | None = None) -> Path:
+    """--out, else $FLOWERS_EXPORTS_DIR, else exports/ of this checkout."""
+    if override:
+        return Path(override)
+    env = os.environ.get("FLOWERS_EXPORTS_DIR")
+    return Path(env) if env else PROJECT_ROOT / "exports"
+
+
+def parse_formats(text: str | Iterable[str]) -> list[str]:
+    """"keras,onnx" (or a list) -> validated format names in FORMATS order, without repeats."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        problem = f"unknown format {unknown[0]!r}" if unknown else "no format given"
+        raise FlowersError(f"{problem}; choose from {', '.join(FORMATS)} (comma-separated)")
+    return [f for f in FORMATS if f in names]
+
+
+def plan_writers(formats: Iterable[str]) -> dict[str, str]:
+    """format -> the backend whose process writes it; checks every needed tool is installed.
+
+    Raises:
+        FlowersError: a format's writer or runtime is not installed (the extra is named).
+    """
+    installed = {name for name, version in backend.installed_versions().items() if version}
+    plan = {}
+    for fmt in formats:
+        runtimes.require(runtimes.RUNTIME_MODULES[fmt], f"verifying format {fmt!r}")
+        if fmt == "keras":
+            continue
+        usable = [name for name, modules in WRITERS[fmt] if name in installed and
+                  all(_installed(m) for m in modules)]
+        if not usable:
+            options = " or ".join("+".join(modules) for _, modules in WRITERS[fmt])
+            raise FlowersError(f"format {fmt!r} cannot be written: it needs {options}, not "
+                               f"installed; install them with: {EXPORT_EXTRA}")
+        plan[fmt] = usable[0]
+    return plan
+
+
+def check_request(run_dir: str | Path, formats: str | Iterable[str] | None) -> list[str]:
+    """Everything a user typed, checked in a second: the run, the formats, their toolchains.
+
+    Returns:
+        The format names (all of FORMATS when formats is None).
+    """
+    runs.check_complete(run_dir)
+    names = parse_formats(FORMATS if formats is None else formats)
+    plan_writers(names)
+    experiment, _ = runs.read_run_config(Path(run_dir))
+    policy = getattr(experiment.train, "dtype_policy", "float32")
+    if policy != "float32":
+        # onnxruntime cannot run the bfloat16 graph such a model exports, and the 1e-4 agreement
+        # between runtimes only holds in float32.
+        raise FlowersError(f"{run_dir} was trained with train.dtype_policy={policy!r}; exports are "
+                           "float32 only: train with train.dtype_policy=float32 to export")
+    return names
+
+
+def export_run(run_dir: str | Path, formats: Iterable[str], out_root: Path,
+               on_step: Callable[[str], None] | None = None) -> Path:
+    """Export a complete run to `formats`, verify each in its runtime, publish exports/<exp>/v<N>.
+
+    Args:
+        run_dir: a complete run directory (with model.keras).
+        formats: names from FORMATS.
+        out_root: root of the versions (exports_root()).
+        on_step: called with a short line before each slow step (the CLI prints them).
+
+    Returns:
+        The new version directory.
+
+    Raises:
+        FlowersError: incomplete run, unknown format, missing toolchain, a writer that failed, or
+            a format that failed verification. Nothing is left in out_root then.
+    """
+    step = on_step or (lambda line: None)
+    formats = check_request(run_dir, formats)
+    run_dir = Path(run_dir)
+    writers = plan_writers(formats)
+    experiment, run_config = runs.read_run_config(run_dir)
+    metrics = runs.read_json(run_dir / "metrics.json")
+    _hide_gpus_from_tensorflow()
+
+    step(f"loading verification images of {experiment.name} ({experiment.data.source})")
+    images, images_from = verification_images(experiment)
+    parent = out_root / experiment.name
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="flowers-export-") as scratch:
+            results, write_info = _write_and_verify(
+                run_dir, run_config["backend"], formats, writers, images, staging, Path(scratch),
+                experiment.train.latency_repeats, step)
+        failed = [r for r in results if not r["passed"]]
+        if failed:
+            reference = results[0]["reference"]
+            raise FlowersError(
+                f"verification failed against {reference} on {len(images)} images: "
+                + "; ".join(_describe_failure(r) for r in failed))
+        step("hashing files and writing manifest.json")
+        manifest = _manifest(run_dir, run_config, experiment, metrics, formats, write_info, staging,
+                             results, images, images_from)
+        return _publish(staging, parent, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def verification_images(experiment: Experiment) -> tuple[np.ndarray, str]:
+    """Up to VERIFICATION_IMAGES of the run's validation images, float32 [N,S,S,3] 0..255.
+
+    Decoded by the run's own pipeline (flowers.data). A validation split with fewer than
+    MIN_VERIFICATION_IMAGES images is topped up with training images (augmentation off).
+
+    Returns:
+        (images, where they came from).
+    """
+    config = dataclasses.replace(experiment.data, augment=False)
+    splits = data.load(config, experiment.train.batch_size, experiment.train.seed)
+    size = config.image_size
+
+    def take(dataset, wanted: int) -> np.ndarray:
+        batches = [np.zeros((0, size, size, 3), np.float32)]
+        for images, _ in dataset:
+            batches.append(images.numpy().astype(np.float32))
+            if sum(len(b) for b in batches) >= wanted:
+                break
+        return np.concatenate(batches)[:wanted]
+
+    val = take(splits.val, VERIFICATION_IMAGES)
+    if len(val) >= MIN_VERIFICATION_IMAGES:
+        return val, f"{len(val)} validation images of the source run"
+    train = take(splits.train, VERIFICATION_IMAGES - len(val))
+    return np.concatenate([val, train]), (
+        f"{len(val)} validation + {len(train)} training images of the source run (its validation "
+        f"split has fewer than {MIN_VERIFICATION_IMAGES})")
+
+
+def list_exports(root: Path, experiment: str | None = None) -> list[dict[str, Any]]:
+    """Manifests of the published versions under root, by experiment then version.
+
+    Each manifest gets a "path" key with its version directory.
+    """
+    found = []
+    for manifest_path in root.glob(f"{experiment or '*'}/v*/{MANIFEST}"):
+        if VERSION_NAME.match(manifest_path.parent.name):
+            manifest = runs.read_json(manifest_path)
+            found.append({**manifest, "path": str(manifest_path.parent)})
+    return sorted(found, key=lambda m: (m.get("experiment", ""), m.get("version", 0)))
+
+
+def render_results(manifest: dict[str, Any]) -> str:
+    """The verification table of a manifest, one row per format and runtime."""
+    sizes = {fmt: entry["bytes"] for fmt, entry in manifest["formats"].items()}
+    rows = [("format", "runtime", "top-1 agree", "max |Δprob|", "p50 ms (batch 1)", "size MB")]
+    for r in manifest["verification"]["results"]:
+        rows.append((r["format"], r["runtime"], f"{r['top1_agreement']:.1%}",
+                     f"{r['max_abs_prob_diff']:.1e}", f"{r['batch1_p50_ms']:.2f}",
+                     f"{sizes[r['format']] / 2**20:.1f}"))
+    verification = manifest["verification"]
+    header = (f"v{manifest['version']} of {manifest['experiment']}: "
+              f"{verification['images']} images vs {verification['reference']}, "
+              f"{'all passed' if verification['passed'] else 'FAILED'}")
+    return header + "\n" + _table(rows)
+
+
+def render_list(manifests: list[dict[str, Any]], root: Path, experiment: str | None = None) -> str:
+    """`flowers exports list`: one row per version."""
+    if not manifests:
+        return f"no exports{f' of {experiment}' if experiment else ''} under {root}"
+    rows = [("experiment", "version", "created", "trained", "run", "val_accuracy", "formats",
+             "path")]
+    for m in manifests:
+        accuracy = m.get("val_metrics", {}).get("val_accuracy")
+        rows.append((m["experiment"], f"v{m['version']}", m["created"], m["training_backend"],
+                     m["run_id"], "-" if accuracy is None else f"{accuracy:.4f}",
+                     ",".join(m["formats"]), m["path"]))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def next_version(parent: Path) -> int:
+    """1 + the highest v<N> under parent (1 for none)."""
+    numbers = [int(m.group(1)) for p in parent.iterdir() if (m := VERSION_NAME.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
+                      writers: dict[str, str], images: np.ndarray, staging: Path, scratch: Path,
+                      latency_repeats: int, step: Callable[[str], None]
+                      ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Write every format into staging and run each in its runtime; returns (results, write info).
+
+    results[i]: format, runtime, reference, images, top1_agreement, max_abs_prob_diff,
+    batch1_p50_ms, passed. write info: format -> written_by, write_s.
+    """
+    installed = [name for name, version in backend.installed_versions().items() if version]
+    reference_backend = trained_backend if trained_backend in installed else "tensorflow"
+    keras_backends = installed if "keras" in formats else []
+    worker_backends = list(dict.fromkeys([reference_backend, *keras_backends, *writers.values()]))
+    write_info: dict[str, dict[str, Any]] = {}
+    if "keras" in formats:
+        shutil.copyfile(run_dir / "model.keras", staging / FORMAT_PATHS["keras"])
+        write_info["keras"] = {"written_by": "copy of the run's model.keras", "write_s": 0.0}
+    model_path = staging / FORMAT_PATHS["keras"] if "keras" in formats else run_dir / "model.keras"
+    np.save(scratch / "images.npy", images)
+
+    keras_runs = {}
+    for name in worker_backends:
+        writes = {fmt: str(staging / FORMAT_PATHS[fmt]) for fmt, b in writers.items() if b == name}
+        step(f"keras under {name}: verification images" + "".join(f", write {f}" for f in writes))
+        result, probabilities = _run_worker(name, model_path, writes, scratch, latency_repeats)
+        keras_runs[name] = (result, probabilities)
+        for fmt, seconds in result["write_s"].items():
+            write_info[fmt] = {"written_by": f"keras {_version('keras')} {WRITTEN_WITH[fmt]} "
+                                             f"under {name}", "write_s": round(seconds, 2)}
+
+    reference_result, reference = keras_runs[reference_backend]
+    measured = [("keras", result["runtime"], probabilities, result["batch1_p50_ms"])
+                for name, (result, probabilities) in keras_runs.items() if name in keras_backends]
+    for fmt in formats:
+        if fmt == "keras":
+            continue
+        step(f"running {fmt} in its runtime")
+        signatures = ([runtimes.SAVEDMODEL_FLOAT_SIGNATURE, runtimes.SAVEDMODEL_UINT8_SIGNATURE]
+                      if fmt == "savedmodel" else [runtimes.SAVEDMODEL_FLOAT_SIGNATURE])
+        for signature in signatures:
+            loaded = runtimes.open_model(staging / FORMAT_PATHS[fmt], signature=signature)
+            probabilities, p50 = runtimes.run_and_time(loaded, images, latency_repeats)
+            measured.append((fmt, loaded.runtime, probabilities, p50))
+
+    results = []
+    for fmt, runtime, probabilities, p50 in measured:
+        agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
+        max_diff = float(np.max(np.abs(probabilities - reference)))
+        results.append({
+            "format": fmt, "runtime": runtime, "reference": reference_result["runtime"],
+            "images": len(images), "top1_agreement": agreement, "max_abs_prob_diff": max_diff,
+            "batch1_p50_ms": round(p50, 3),
+            "passed": agreement == 1.0 and max_diff <= MAX_ABS_PROB_DIFF,
+        })
+    return results, write_info
+
+
+def _run_worker(name: str, model_path: Path, writes: dict[str, str], scratch: Path,
+                latency_repeats: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Run flowers.export_worker under backend `name`; returns (result, probabilities)."""
+    request = {
+        "backend": name, "model": str(model_path), "images": str(scratch / "images.npy"),
+        "probabilities_out": str(scratch / f"probabilities-{name}.npy"),
+        "result_out": str(scratch / f"result-{name}.json"),
+        "latency_repeats": latency_repeats, "writes": writes,
+    }
+    request_path = scratch / f"request-{name}.json"
+    request_path.write_text(json.dumps(request, indent=2))
+    # CPU only (see the module docstring); the worker's own output is kept from the user unless
+    # it fails, when its last line becomes the error.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    env.pop("KERAS_BACKEND", None)
+    done = subprocess.run([sys.executable, "-m", "flowers.export_worker", str(request_path)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+        what = ", ".join(f"writing {f}" for f in writes) or "running model.keras"
+        raise FlowersError(f"{what} under {name} failed: {lines[-1].removeprefix('error: ')}")
+    return runs.read_json(request["result_out"]), np.load(request["probabilities_out"])
+
+
+def _describe_failure(result: dict[str, Any]) -> str:
+    differing = round((1 - result["top1_agreement"]) * result["images"])
+    return (f"{result['format']} in {result['runtime']}: top-1 differs on {differing} of "
+            f"{result['images']} images, max |Δprob| {result['max_abs_prob_diff']:.1e} "
+            f"(limit {MAX_ABS_PROB_DIFF:.0e})")
+
+
+def _manifest(run_dir: Path, run_config: dict[str, Any], experiment: Experiment,
+              metrics: dict[str, Any], formats: list[str], write_info: dict[str, dict[str, Any]],
+              staging: Path, results: list[dict[str, Any]], images: np.ndarray,
+              images_from: str) -> dict[str, Any]:
+    size = experiment.data.image_size
+    class_names = runs.read_json(run_dir / "class_names.json")
+    files = {}
+    for fmt in formats:
+        target = staging / FORMAT_PATHS[fmt]
+        for path in sorted([target] if target.is_file() else (target.rglob("*"))):
+            if path.is_file():
+                files[str(path.relative_to(staging))] = {"format": fmt,
+                                                         "bytes": path.stat().st_size,
+                                                         "sha256": _sha256(path)}
+    format_entries = {
+        fmt: {"path": FORMAT_PATHS[fmt],
+              "bytes": sum(f["bytes"] for f in files.values() if f["format"] == fmt),
+              **write_info[fmt], "targets": TARGETS[fmt],
+              "runtimes": [r["runtime"] for r in results if r["format"] == fmt]}
+        for fmt in formats
+    }
+    return {
+        "version": None,  # set by _publish
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "experiment": experiment.name,
+        "source_run": str(run_dir.resolve()),
+        "run_id": run_config["run_id"],
+        "training_backend": run_config["backend"],
+        "config_hash": experiment.config_hash(),
+        "config": experiment.to_dict(),
+        "val_metrics": {k: metrics.get(k) for k in ("num_val", "val_loss", "val_accuracy",
+                                                    "val_top5_accuracy")},
+        "class_names": class_names,
+        "input": {
+            "shape": [None, size, size, 3], "layout": "NHWC", "channels": "RGB",
+            "dtype": "float32", "value_range": [0, 255],
+            "resize": f"bilinear, antialiased, to {size}x{size} (flowers.data.load_image_files)",
+            "preprocessing": "inside the model (ResNet50 preprocess_input); send plain RGB",
+            "savedmodel_signatures": {runtimes.SAVEDMODEL_FLOAT_SIGNATURE: "float32",
+                                      runtimes.SAVEDMODEL_UINT8_SIGNATURE: "uint8"},
+        },
+        "output": {"shape": [None, len(class_names)], "dtype": "float32",
+                   "meaning": "softmax class probabilities, in class_names order"},
+        "formats": format_entries,
+        "files": files,
+        "verification": {
+            "images": len(images),
+            "images_from": images_from,
+            "reference": results[0]["reference"] if results else None,
+            "device": "cpu",
+            "criteria": {"top1_agreement": 1.0, "max_abs_prob_diff": MAX_ABS_PROB_DIFF},
+            "latency_method": (f"predict() on 1 image: {experiment.train.latency_repeats} timed "
+                               "calls after 3 untimed warm-up calls, p50; numpy in and out"),
+            "passed": all(r["passed"] for r in results),
+            "results": results,
+        },
+        "git": _git_state(),
+        "packages": {"flowers": __version__, "python": platform.python_version(),
+                     **{name: _version(name) for name in PACKAGES}},
+    }
+
+
+def _publish(staging: Path, parent: Path, manifest: dict[str, Any]) -> Path:
+    """Write manifest.json and rename staging to the next free v<N>; never replaces a version."""
+    while True:
+        version = next_version(parent)
+        manifest["version"] = version
+        runs.write_json(staging / MANIFEST, manifest)
+        final = parent / f"v{version}"
+        try:
+            staging.rename(final)  # fails when another export took v<N> first (it is not empty)
+            return final
+        except OSError:
+            if not final.exists():
+                raise
+
+
+def _git_state() -> dict[str, Any]:
+    """Commit of the code that exported, and whether its tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"commit": None, "dirty": None,
+                "null_reason": f"not a git checkout or git unavailable ({type(exc).__name__})"}
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    """Keep this process's TensorFlow (data, SavedModel verification) on the CPU."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # devices already initialised by an earlier call in this process
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,248 @@
+"""Exports: torch- and tensorflow-trained runs to all four formats, verified in each runtime, versioned."""
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import BACKENDS, flowers, one_line_error, python, read_json, run_dir_of
+
+FORMATS = ("keras", "savedmodel", "onnx", "tflite")
+ARTEFACTS = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx",
+             "tflite": "model.tflite"}
+EXPORTED_BACKENDS = ("torch", "tensorflow")
+
+
+@pytest.fixture(scope="module")
+def exports_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_runs, exports_root) -> dict[str, Path]:
+    """The torch and the tensorflow smoke run, each exported to every format (version dirs).
+
+    Both exports run at once into the same root: on a 2-core CPU that takes ~2/3 of the time, and
+    two exports of one experiment racing for the next version number must still get two versions.
+    """
+    def export(trained: str):
+        return flowers("export", str(smoke_runs[trained]), "--out", str(exports_root))
+
+    with ThreadPoolExecutor(len(EXPORTED_BACKENDS)) as pool:
+        results = dict(zip(EXPORTED_BACKENDS, pool.map(export, EXPORTED_BACKENDS), strict=True))
+    return {trained: run_dir_of(result) for trained, result in results.items()}
+
+
+@pytest.fixture(scope="session")
+def photo(flowers12) -> Path:
+    return sorted((flowers12 / "test" / "daisy").iterdir())[0]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("trained", EXPORTED_BACKENDS)
+def test_every_format_is_written_and_verified(exported, smoke_runs, trained):
+    version_dir, run = exported[trained], smoke_runs[trained]
+    manifest = read_json(version_dir / "manifest.json")
+    assert version_dir.name == f"v{manifest['version']}"
+    assert version_dir.parent.name == "smoke" == manifest["experiment"]
+    assert manifest["training_backend"] == trained
+    assert manifest["source_run"] == str(run.resolve())
+    assert manifest["config"] == read_json(run / "config.json")["experiment"]
+    metrics = read_json(run / "metrics.json")
+    assert manifest["val_metrics"]["val_accuracy"] == metrics["val_accuracy"]
+    assert manifest["class_names"] == [f"class_{i:02d}" for i in range(4)]
+    assert manifest["input"]["shape"] == [None, 32, 32, 3]
+    assert manifest["input"]["value_range"] == [0, 255] and manifest["input"]["dtype"] == "float32"
+    assert re.fullmatch(r"[0-9a-f]{40}", manifest["git"]["commit"])
+    assert isinstance(manifest["git"]["dirty"], bool)
+    assert manifest["packages"]["keras"] == "3.15.1" and manifest["packages"]["onnxruntime"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", manifest["created"])
+
+    assert list(manifest["formats"]) == list(FORMATS)
+    for fmt in FORMATS:
+        assert (version_dir / ARTEFACTS[fmt]).exists(), fmt
+        assert manifest["formats"][fmt]["bytes"] > 1e6, fmt
+    assert (version_dir / "savedmodel" / "saved_model.pb").is_file()
+    for name, entry in manifest["files"].items():
+        assert (version_dir / name).stat().st_size == entry["bytes"], name
+    assert manifest["files"]["model.keras"]["sha256"] == _sha256(run / "model.keras")
+    assert manifest["files"]["model.onnx"]["sha256"] == _sha256(version_dir / "model.onnx")
+
+    verification = manifest["verification"]
+    assert verification["passed"] is True
+    assert verification["images"] >= 32 and "validation" in verification["images_from"]
+    assert verification["reference"].endswith(f"({trained})")
+    results = verification["results"]
+    assert {r["format"] for r in results} == set(FORMATS)
+    keras_runtimes = {r["runtime"] for r in results if r["format"] == "keras"}
+    assert keras_runtimes == {f"keras 3.15.1 ({b})" for b in BACKENDS}
+    assert sum(r["format"] == "savedmodel" for r in results) == 2  # float32 and uint8 signatures
+    for r in results:
+        assert r["passed"] and r["top1_agreement"] == 1.0, r
+        assert r["max_abs_prob_diff"] <= 1e-4, r
+        assert r["batch1_p50_ms"] > 0, r
+    assert not list(version_dir.parent.glob(".incomplete-*"))
+
+
+def test_versions_increment_and_are_listed(exported, exports_root):
+    assert sorted(p.name for p in (exports_root / "smoke").iterdir()) == ["v1", "v2"]
+    assert {exported[b].name for b in EXPORTED_BACKENDS} == {"v1", "v2"}
+
+    listed = flowers("exports", "list", "--out", str(exports_root))
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["experiment", "version", "created", "trained"]
+    rows = {line.split()[1]: line for line in lines[1:]}
+    assert set(rows) == {"v1", "v2"}
+    for trained in EXPORTED_BACKENDS:
+        row = rows[exported[trained].name]
+        assert trained in row.split() and "keras,savedmodel,onnx,tflite" in row
+
+    by_env = flowers("exports", "list", "-e", "flowers12", env={"FLOWERS_EXPORTS_DIR": str(exports_root)})
+    assert by_env.stdout.strip() == f"no exports of flowers12 under {exports_root}"
+
+
+def test_predict_gives_the_same_top1_from_every_format(exported, photo):
+    version_dir = exported["torch"]
+    tops = {}
+    for label, model, extra in (("keras under jax", "model.keras", ["--backend", "jax"]),
+                                ("savedmodel", "savedmodel", []), ("onnx", "model.onnx", []),
+                                ("tflite", "model.tflite", [])):
+        result = flowers("predict", str(version_dir / model), str(photo), "--top", "3", "--json",
+                         *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (prediction,) = json.loads(result.stdout)
+        assert prediction["image"] == str(photo) and len(prediction["top"]) == 3
+        tops[label] = prediction["top"][0]
+    assert len({t["class"] for t in tops.values()}) == 1, tops
+    assert next(iter(tops.values()))["class"].startswith("class_0")  # names from the manifest
+    probabilities = [t["probability"] for t in tops.values()]
+    assert max(probabilities) - min(probabilities) <= 1e-4, tops
+
+
+def test_a_failed_verification_fails_the_export_and_leaves_no_version(smoke_runs, tmp_path):
+    """ONNX runtime results drift by 0.01: the export stops, names the format, keeps nothing."""
+    driver = f"""
+        import flowers.runtimes as runtimes
+        real_open_model = runtimes.open_model
+
+        def drifting_open_model(path, *args, **kwargs):
+            model = real_open_model(path, *args, **kwargs)
+            if model.format == "onnx":
+                predict = model.predict
+                model.predict = lambda images: predict(images) + 0.01
+            return model
+
+        runtimes.open_model = drifting_open_model
+        from flowers.cli import main
+        main(["export", "{smoke_runs['torch']}", "--formats", "onnx", "--out", "{tmp_path}"])
+    """
+    error = one_line_error(python(driver))
+    assert "verification failed" in error and "onnx in onnxruntime" in error
+    assert "max |Δprob| 1.0e-02 (limit 1e-04)" in error
+    assert list((tmp_path / "smoke").iterdir()) == []
+
+
+def test_a_crash_midway_leaves_no_version(smoke_runs, tmp_path):
+    """model.keras is already staged when the first backend process dies."""
+    driver = f"""
+        import flowers.export
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("backend process crashed (simulated)")
+
+        flowers.export._run_worker = crash
+        from flowers.cli import main
+        main(["export", "{smoke_runs['tensorflow']}", "--formats", "keras,onnx", "--out", "{tmp_path}"])
+    """
+    result = python(driver)
+    assert result.returncode != 0 and "crashed (simulated)" in result.stderr
+    assert list((tmp_path / "smoke").iterdir()) == []
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda p, run: p / "missing", [], "run directory not found"),
+    (lambda p, run: (p / "half").mkdir() or p / "half", [],
+     "not a complete run directory (missing config.json"),
+    (lambda p, run: run, ["--formats", "keras,pt"],
+     "unknown format 'pt'; choose from keras, savedmodel, onnx, tflite"),
+    (lambda p, run: run, ["--formats", ","], "no format given"),
+    (lambda p, run: _mixed_precision_copy(p, run), [],
+     "train.dtype_policy='mixed_bfloat16'; exports are float32 only"),
+])
+def test_export_rejects(smoke_runs, tmp_path, make, args, message):
+    run_dir = make(tmp_path, smoke_runs["tensorflow"])
+    error = one_line_error(flowers("export", str(run_dir), *args, "--out", str(tmp_path / "out")))
+    assert message in error
+    assert not (tmp_path / "out").exists()
+
+
+def _mixed_precision_copy(tmp_path: Path, run: Path) -> Path:
+    """The run's files, with a config that says it trained in mixed_bfloat16."""
+    from flowers.config import TrainConfig
+
+    if "dtype_policy" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip("this checkout has no train.dtype_policy")
+    copy = tmp_path / "mixed"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("model.keras", "logs"))
+    (copy / "model.keras").write_bytes(b"")  # never read: the config is refused first
+    config = read_json(run / "config.json")
+    config["experiment"]["train"]["dtype_policy"] = "mixed_bfloat16"
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_export_without_the_toolchain_names_the_extra(smoke_runs, tmp_path):
+    driver = f"""
+        import importlib.util
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+        from flowers.cli import main
+        main(["export", "{smoke_runs['tensorflow']}", "--out", "{tmp_path}/out"])
+    """
+    error = one_line_error(python(driver))
+    assert "verifying format 'onnx' needs onnxruntime, which is not installed" in error
+    assert "pip install -e '.[export]'" in error
+    assert not (tmp_path / "out").exists()
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing image", "image file not found"),
+    ("not an image", "not an image"),
+    ("corrupt image", "corrupt"),
+    ("unknown model type", "unknown model type; expected a .keras, .onnx or .tflite file"),
+    ("missing model", "model file not found"),
+    ("unreadable model", "not a readable onnx model"),
+    ("backend for onnx", "--backend applies to .keras files only"),
+])
+def test_predict_rejects(exported, photo, tmp_path, case, message):
+    model, image, extra = exported["torch"] / "model.onnx", photo, []
+    if case == "missing image":
+        image = tmp_path / "missing.jpg"
+    elif case == "not an image":
+        image = _write(tmp_path / "notes.jpg", b"not a photo\n")
+    elif case == "corrupt image":
+        image = _write(tmp_path / "cut.jpg", photo.read_bytes()[:2000])
+    elif case == "unknown model type":
+        model = _write(tmp_path / "model.pt", b"weights")
+    elif case == "missing model":
+        model = tmp_path / "missing.onnx"
+    elif case == "unreadable model":
+        model = _write(tmp_path / "model.onnx", b"not onnx")
+    else:
+        extra = ["--backend", "jax"]
+    error = one_line_error(flowers("predict", str(model), str(image), *extra))
+    assert message in error
