@@ -4,6 +4,11 @@
     nox -s train-jax -- --experiment smoke         # arguments after -- go to `flowers train`
     nox -s train-torch -- --cpu                    # force CPU builds (--gpu forces CUDA builds)
     nox -s tests                                   # the test suite (what .ci/run runs)
+    nox -s train-torch train-tensorflow train-jax compare -- --experiment smoke   # matrix + report
+    nox -s compare -- --experiment smoke           # report from the runs already there
+    nox -s parity -- --image-size 64               # same weights, same photos, every backend
+    nox -s bench -- --backends torch,tensorflow    # speed and memory vs native code and the CPU peak
+    nox -s export -- RUN_DIR                       # keras, SavedModel, ONNX, LiteRT; verified
 
 A session installs CUDA builds when nvidia-smi reports a GPU, CPU builds otherwise. TensorFlow is in
 every training session because tf.data feeds every backend; the torch and jax sessions get its CPU
@@ -71,6 +76,67 @@ def train_session(backend: str):
 
 for _backend in BACKENDS:
     nox.session(name=f"train-{_backend}")(train_session(_backend))
+
+
+# `flowers train` options that mean nothing to `flowers compare` (option -> takes a value): dropped
+# so that one set of posargs can drive `nox -s train-torch train-jax compare -- ...`.
+TRAIN_ONLY_OPTIONS = {"--set": True, "--resume": False, "--backend": True, "--cpu": False,
+                      "--gpu": False}
+
+
+def compare_args(posargs: list[str]) -> list[str]:
+    """posargs for `flowers compare`: train-only options dropped, --experiment defaulted."""
+    args, rest = [], list(posargs)
+    while rest:
+        arg = rest.pop(0)
+        name = arg.split("=", 1)[0]
+        if name in TRAIN_ONLY_OPTIONS:
+            if TRAIN_ONLY_OPTIONS[name] and "=" not in arg and rest:
+                rest.pop(0)
+            continue
+        args.append(arg)
+    run_dirs = [a for i, a in enumerate(args) if not a.startswith("-")
+                and (i == 0 or args[i - 1] not in ("--experiment", "-e", "--runs-dir", "--out"))]
+    if not {"--experiment", "-e"} & {a.split("=", 1)[0] for a in args} and not run_dirs:
+        args = ["--experiment", os.environ.get("EXPERIMENT", "baseline"), *args]
+    return args
+
+
+@nox.session
+def compare(session: nox.Session) -> None:
+    """Report on the newest run of each backend (posargs: flowers compare); never trains."""
+    session.install("-e", ".")  # reading runs and drawing charts needs no backend
+    session.run("flowers", "compare", *compare_args(list(session.posargs)))
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Same weights, same real photos under every backend (posargs: flowers parity)."""
+    gpu, args = split_device_args(list(session.posargs))
+    # On a GPU, torch's default wheel and jax[cuda12] use it; TensorFlow stays the CPU build the
+    # torch and jax extras bring (parity.json records each backend's device).
+    session.install("-e", ".[torch,jax]", *(GPU_PACKAGES["jax"] if gpu else []))
+    session.run("flowers", "parity", *args)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every backend against native PyTorch/TensorFlow and the hardware (posargs: flowers bench)."""
+    gpu, args = split_device_args(list(session.posargs))
+    # One environment holds all three backends so one invocation interleaves them. On a GPU torch's
+    # default wheel and jax[cuda12] use it; TensorFlow stays the CPU build (bench.json and bench.md
+    # record each backend's device).
+    session.install("-e", ".[torch,jax]", *(GPU_PACKAGES["jax"] if gpu else []))
+    session.run("flowers", "bench", *args)
+
+
+@nox.session
+def export(session: nox.Session) -> None:
+    """Export a run to every format, verified in each runtime (posargs: flowers export)."""
+    # All three backends: each re-runs model.keras for verification and torch writes ONNX. The
+    # checks run on the CPU (flowers/export.py), so CPU builds are enough on any machine.
+    session.install("-e", ".[torch,jax,export]")
+    session.run("flowers", "export", *session.posargs)
 
 
 @nox.session

@@ -37,6 +37,8 @@ def cli() -> None:
 @cli.command()
 def info() -> None:
     """Installed backends and versions, devices, and where data and weights live."""
+    from flowers.export import exports_root
+
     installed = backend.installed_versions()
     host = backend.host_info()
     gpus = backend.nvidia_gpus()
@@ -57,6 +59,7 @@ def info() -> None:
         "data:",
         f"  experiments {config.experiments_dir()} ({', '.join(config.list_experiments())})",
         f"  runs        {runs.runs_root()}",
+        f"  exports     {exports_root()} (FLOWERS_EXPORTS_DIR)",
         f"  tfds        {tfds_dir} (TFDS_DATA_DIR)",
         f"  weights     {weights_file} ({'cached' if weights_file.is_file() else 'not cached'})",
         f"  flowers12   {shared} ({'present' if shared.is_dir() else 'absent'})",
@@ -106,6 +109,188 @@ def evaluate(run_dir: Path, backend_name: str | None) -> None:
     from flowers.train import evaluate_run
 
     click.echo(json.dumps(evaluate_run(run_dir, name), indent=2))
+
+
+out_option = click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Reports root (default: $FLOWERS_REPORTS_DIR or reports/).",
+)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--experiment", "-e", default=None,
+              help="Compare the newest complete run of this experiment under each backend.")
+@out_option
+@click.option("--allow-mixed", is_flag=True,
+              help="Compare runs with different config hashes or devices (the report says so).")
+@runs_dir_option
+def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None, allow_mixed: bool,
+            runs_dir: Path | None) -> None:
+    """Compare runs side by side: OUT/<experiment>/comparison.md, charts, CSV and JSON.
+
+    Give --experiment NAME (newest complete run per backend) or RUN_DIR arguments. The last line
+    printed is the path of comparison.md.
+    """
+    from flowers import report
+
+    if run_dirs and experiment:
+        raise FlowersError("give --experiment NAME or RUN_DIR arguments, not both")
+    if not run_dirs:
+        if not experiment:
+            raise FlowersError("nothing to compare: give --experiment NAME (newest complete run "
+                               "per backend) or RUN_DIR arguments")
+        run_dirs = tuple(report.newest_runs(runs.runs_root(runs_dir), experiment))
+    report_dir, comparison = report.compare(run_dirs, report.reports_root(out), allow_mixed)
+    click.echo(report.render_table(comparison))
+    click.echo(str(report_dir / "comparison.md"))
+
+
+@cli.command()
+@click.option("--backends", default=",".join(backend.BACKENDS), show_default=True,
+              help="Comma-separated backends; the first is the reference that builds the model.")
+@click.option("--image-size", type=int, default=224, show_default=True,
+              help="Side of the square input images.")
+@out_option
+def parity(backends: str, image_size: int, out: Path | None) -> None:
+    """Same weights, same real photos under each backend: prediction and training drift.
+
+    Writes OUT/parity.json (the comparison report embeds it) and exits non-zero when a target
+    (max |Δprob| <= 1e-4, top-1 agreement 100%) is missed.
+    """
+    from flowers import parity as parity_check
+    from flowers import report
+
+    names = parity_check.parse_backends(backends)
+    parity_check.parity_experiment(image_size)  # bad --image-size fails before any process starts
+    result = parity_check.run_parity(names, image_size)
+    path = parity_check.write_parity(result, report.reports_root(out))
+    click.echo(parity_check.describe(result))
+    click.echo(parity_check.format_table(result))
+    for note in parity_check.notes(result):
+        click.echo(note)
+    click.echo(str(path))
+    if result["failures"]:
+        raise FlowersError("parity target missed: " + "; ".join(result["failures"]))
+
+
+exports_dir_option = click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Root of the export versions (default: $FLOWERS_EXPORTS_DIR or exports/).",
+)
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--formats", default=None, metavar="LIST",
+              help="Comma-separated: keras, savedmodel, onnx, tflite (default: all four).")
+@exports_dir_option
+def export_command(run_dir: Path, formats: str | None, out: Path | None) -> None:
+    """Export a run to every format, verified in each runtime; the last line is the version dir."""
+    from flowers import export
+
+    names = export.check_request(run_dir, formats)
+    # This process decodes images and runs the SavedModel; Keras runs in one process per backend.
+    backend.select("tensorflow")
+    version_dir = export.export_run(run_dir, names, export.exports_root(out),
+                                    on_step=lambda line: click.echo(f"  {line}"))
+    click.echo(export.render_results(runs.read_json(version_dir / "manifest.json")))
+    click.echo(str(version_dir))
+
+
+@cli.group("exports")
+def exports_group() -> None:
+    """Exported model versions: exports/<experiment>/v<N>/."""
+
+
+@exports_group.command("list")
+@click.option("--experiment", "-e", default=None, help="Only this experiment's versions.")
+@exports_dir_option
+def exports_list(experiment: str | None, out: Path | None) -> None:
+    """Versions with their source run, training backend, accuracy and formats."""
+    from flowers import export
+
+    root = export.exports_root(out)
+    click.echo(export.render_list(export.list_exports(root, experiment), root, experiment))
+
+
+@cli.command()
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Classes to show per image.")
+@backend_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: str | None,
+            as_json: bool) -> None:
+    """Classify images with a .keras file (under --backend), a SavedModel dir, .onnx or .tflite."""
+    from flowers import runtimes
+
+    fmt = runtimes.format_of(model_file)
+    if backend_name and fmt != "keras":
+        raise FlowersError(f"--backend applies to .keras files only; {model_file} runs in its "
+                           f"own runtime ({fmt})")
+    # Other formats run in their own runtimes; TensorFlow still decodes the images.
+    name = backend.select(backend_name or DEFAULT_BACKEND if fmt == "keras" else "tensorflow")
+    backend.hide_gpus_from_tensorflow(name)
+    results = runtimes.predict_files(model_file, images, top)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        click.echo(result["image"])
+        width = max(len(t["class"]) for t in result["top"])
+        for t in result["top"]:
+            click.echo(f"  {t['class']:<{width}}  {t['probability']:.4f}")
+
+
+@cli.command()
+@click.option("--backends", default=",".join(backend.BACKENDS), show_default=True,
+              help="Comma-separated backends, all measured in this one invocation.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True,
+              help="Timed calls per figure (split over the rounds).")
+@click.option("--rounds", type=int, default=2, show_default=True,
+              help="Interleaved rounds over the backends.")
+@click.option("--warmup", type=int, default=2, show_default=True,
+              help="Untimed calls before a task is timed.")
+@click.option("--e2e-epochs", type=int, default=10, show_default=True,
+              help="Epochs of the end-to-end baseline-shaped runs (0 skips them).")
+@click.option("--e2e-images-per-class", type=int, default=20, show_default=True,
+              help="Training images per class in the end-to-end runs (half as many validate).")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Class folder of real photos (default: ../shared/data/flowers12 if present, "
+                   "else synthetic images).")
+@click.option("--variants", "variant_keys", default="all", show_default=True,
+              help="Experiment keys whose other values get a forward variant each: 'all', "
+                   "'none' or a comma list of model.data_format, train.jit_compile, "
+                   "train.dtype_policy.")
+@out_option
+def bench(backends: str, image_size: int, batch_size: int, steps: int, rounds: int, warmup: int,
+          e2e_epochs: int, e2e_images_per_class: int, images: Path | None, variant_keys: str,
+          out: Path | None) -> None:
+    """Measure every backend against native PyTorch/TensorFlow and the hardware.
+
+    Prints the table and writes OUT/bench/<device>/bench.json and bench.md; the last line printed
+    is the bench.md path.
+    """
+    from flowers import bench as benchmark
+    from flowers import report
+
+    if images is None and benchmark.DEFAULT_IMAGES.is_dir():
+        images = benchmark.DEFAULT_IMAGES
+    settings = benchmark.BenchSettings(
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+        image_size=image_size, batch_size=batch_size, steps=steps, rounds=rounds, warmup=warmup,
+        e2e_epochs=e2e_epochs, e2e_images_per_class=e2e_images_per_class,
+        images=str(images.resolve()) if images else "",
+        variants={"all": benchmark.VARIANT_KEYS, "none": ()}.get(
+            variant_keys, tuple(k.strip() for k in variant_keys.split(",") if k.strip())))
+    results, out_dir = benchmark.run_bench(settings, report.reports_root(out),
+                                           progress=lambda line: click.echo(line, err=True))
+    click.echo(benchmark.markdown(results))
+    click.echo(str(out_dir / "bench.md"))
 
 
 def _differences(saved: dict, wanted: dict) -> str:

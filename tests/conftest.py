@@ -79,5 +79,12 @@ def flowers12_runs(runs_root, flowers12) -> dict[str, Path]:
                                   str(runs_root))) for b in BACKENDS}
 
 
+@pytest.fixture(scope="session")
+def parity_run(tmp_path_factory, flowers12) -> tuple[subprocess.CompletedProcess, Path]:
+    """`flowers parity` under every backend on real flowers12 photos at 64 px: (result, out dir)."""
+    out = tmp_path_factory.mktemp("parity")
+    return flowers("parity", "--image-size", "64", "--out", str(out)), out
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())

@@ -1,0 +1,165 @@
+"""flowers bench (tiny configuration), the native twins and the feature-cache mode.
+
+No timing assertions: figures must exist, be positive and be derived from each other correctly.
+"""
+
+import json
+
+import pytest
+
+from conftest import BACKENDS, flowers, python, read_json, run_dir_of
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, flowers12):
+    out = tmp_path_factory.mktemp("reports")
+    result = flowers("bench", "--image-size", "32", "--batch-size", "4", "--steps", "2",
+                     "--rounds", "2", "--warmup", "1", "--e2e-epochs", "2",
+                     "--e2e-images-per-class", "2", "--out", str(out),
+                     # torch.compile needs minutes of C++ compilation on 2 cores: not in the suite
+                     "--variants", "model.data_format")
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench_md = result.stdout.strip().splitlines()[-1]
+    folder = out / "bench"
+    (device_dir,) = folder.iterdir()
+    assert bench_md == str(device_dir / "bench.md")
+    return read_json(device_dir / "bench.json"), (device_dir / "bench.md").read_text()
+
+
+def test_bench_json_is_well_formed(tiny_bench):
+    results, _ = tiny_bench
+    assert results["device"] == "cpu"
+    assert all(f["device"] == "cpu" for f in results["backends"].values())
+    assert results["peak"]["fp32_gflops"] > 0 and "FP32 FLOP/cycle" in results["peak"]["method"]
+    assert results["peak"]["gemm_gflops_measured"] > 0
+    assert set(results["backends"]) == set(BACKENDS)
+    for name, f in results["backends"].items():
+        for key in ("forward_b1_img_s", "forward_batch_img_s", "train_step_img_s",
+                    "train_memory_img_s", "train_tfdata_img_s"):
+            stats = f[key]
+            assert 0 < stats["min"] <= stats["median"] <= stats["max"], (name, key)
+            assert stats["calls"] == 2
+        # 0.16 GFLOP per 32 px image: ResNet50's 4.1 GMAC at 224 px scaled by (32/224)^2, plus head
+        assert 0.15 < f["gflops_per_image"] < 0.18
+        assert f["forward_gflops"] == pytest.approx(
+            f["gflops_per_image"] * f["forward_batch_img_s"]["median"])
+        assert f["forward_peak_share"] == pytest.approx(
+            f["forward_gflops"] / results["peak"]["fp32_gflops"])
+        assert f["tfdata_vs_memory"] == pytest.approx(
+            f["train_tfdata_img_s"]["median"] / f["train_memory_img_s"]["median"])
+        assert f["variants"], name
+        for variant in f["variants"].values():
+            assert variant["vs_default"] == pytest.approx(
+                variant["median"] / f["forward_batch_img_s"]["median"])
+        e2e = f["e2e"]
+        assert e2e["standard"]["wall_s"] > 0 and e2e["cache"]["wall_s"] > 0
+        assert e2e["speedup"] == pytest.approx(e2e["standard"]["wall_s"] / e2e["cache"]["wall_s"])
+        assert e2e["cache"]["feature_extraction_s"] > 0
+        assert f["peak_host_rss_mb"] > 100
+        assert f["peak_device_mem_mb"] is None and f["null_reasons"]["peak_device_mem_mb"]
+    for name in ("torch", "tensorflow"):
+        f = results["backends"][name]
+        assert f["keras_vs_native_forward"] == pytest.approx(
+            f["forward_batch_img_s"]["median"] / f["native_forward_img_s"]["median"])
+        assert f["keras_vs_native_train"] == pytest.approx(
+            f["train_step_img_s"]["median"] / f["native_train_img_s"]["median"])
+        assert f["native_differences"]["features_max_rel"] <= 1e-4
+    assert results["backends"]["jax"]["keras_vs_native_forward"] is None
+    assert "no native baseline" in results["backends"]["jax"]["null_reasons"]["keras_vs_native_forward"]
+    targets = {t["target"]: t for t in results["targets"]}
+    assert "keras-on-torch forward / native torch" in targets
+    assert all(t["met"] in (True, False) for t in targets.values())
+
+
+def test_bench_markdown_has_every_figure(tiny_bench):
+    _, text = tiny_bench
+    for row in ("forward img/s, batch 1", "fit img/s, tf.data pipeline", "keras / native",
+                "forward GFLOP/s (share of FP32 peak)", "feature-cache speed-up", "## Targets",
+                "peak host RSS MB"):
+        assert row in text
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_native_twin_is_the_same_network(backend, flowers12):
+    """The plain PyTorch / tf.function model reproduces the Keras model on real photos."""
+    driver = f"""
+        import json
+        import numpy as np
+        from flowers import backend, config, data
+        backend.select("{backend}")
+        import keras
+        from flowers import native
+        from flowers.model import build_model
+        keras.utils.set_random_seed(1)
+        images = data.load_image_files(sorted(p for p in __import__("pathlib").Path(
+            "{flowers12}/test/daisy").glob("*.jpg"))[:4], 64).astype("float32")
+        out = {{}}
+        for fmt in ("channels_last", "channels_first") if "{backend}" == "torch" else ("channels_last",):
+            cfg = config.load_experiment("smoke", ["model.data_format=" + fmt]).model
+            model = build_model(cfg, 64, 12)
+            # shrink the output layer so probabilities are not saturated at 0/1 (random weights)
+            layer = model.get_layer("probabilities")
+            layer.set_weights([w * 1e-3 for w in layer.get_weights()])
+            twin = getattr(native, "{backend}_native")(model, 1e-3)
+            out[fmt] = native.differences(model, twin, images)
+            probabilities = twin.forward(images)
+            out[fmt]["spread"] = float(probabilities.max() - probabilities.min())
+            out[fmt]["loss"] = twin.train_step(images, np.arange(4))
+        print(json.dumps(out))
+    """
+    result = python(driver)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for fmt, diff in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        assert diff["spread"] > 1e-3, "probabilities saturated: the comparison would be vacuous"
+        assert diff["probabilities_max_abs"] <= 1e-4, (fmt, diff)
+        assert diff["features_max_rel"] <= 1e-4, (fmt, diff)
+        assert diff["loss"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_cache_head_equals_full_model(backend, flowers12):
+    """head(features(x)) == model(x) for the same weights, and cached features match per image."""
+    driver = f"""
+        import json
+        import numpy as np
+        from flowers import backend, config, data
+        backend.select("{backend}")
+        import keras
+        from flowers.model import build_model, feature_extractor, head
+        from flowers.train import cached_feature_data
+        exp = config.load_experiment("flowers12", ["data.image_size=32", "train.cache_features=true"])
+        splits = data.load(exp.data, exp.train.batch_size, seed=0)
+        model = build_model(exp.model, 32, 12)
+        images, labels = (t.numpy() for t in next(iter(splits.val)))
+        full = np.asarray(model.predict_on_batch(images))
+        split = np.asarray(head(model).predict_on_batch(
+            np.asarray(feature_extractor(model).predict_on_batch(images))))
+        head_model, train_features, val_features = cached_feature_data(model, splits, exp)
+        cached_x, cached_y = (t.numpy() for t in next(iter(val_features)))
+        print(json.dumps({{
+            "max_abs": float(np.max(np.abs(full - split))),
+            "cached_max_abs": float(np.max(np.abs(
+                np.asarray(head_model.predict_on_batch(cached_x)) - full))),
+            "labels_equal": bool((cached_y == labels).all()),
+            "train_batches": int(sum(1 for _ in train_features)),
+        }}))
+    """
+    result = python(driver)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["max_abs"] <= 1e-6 and out["cached_max_abs"] <= 1e-5, out
+    assert out["labels_equal"] and out["train_batches"] == -(-720 // 32)
+
+
+def test_feature_cache_training_matches_standard_training(tmp_path):
+    """Same seed, batches and dropout masks: a cached-feature run ends where a standard one does."""
+    runs = {}
+    for cache in ("false", "true"):
+        runs[cache] = read_json(run_dir_of(flowers(
+            "train", "-e", "smoke", "--backend", "tensorflow", "--runs-dir", str(tmp_path / cache),
+            "--set", f"train.cache_features={cache}")) / "metrics.json")
+    assert runs["true"]["val_accuracy"] == pytest.approx(runs["false"]["val_accuracy"], abs=1e-6)
+    assert runs["true"]["val_loss"] == pytest.approx(runs["false"]["val_loss"], rel=1e-4)
+    assert runs["true"]["feature_extraction_s"] > 0
+    assert runs["false"]["feature_extraction_s"] is None
+    assert runs["false"]["null_reasons"]["feature_extraction_s"] == "train.cache_features is off"
