@@ -34,7 +34,6 @@ class DataConfig:
     # folder sources without train/ and test|val/ subfolders are split by this fraction
     val_fraction: float = 0.2
     image_size: int = 224
-    shuffle_buffer: int = 1000
     # cache decoded, resized images in memory when they fit (see data.py)
     cache: bool = True
     # random flip / rotation / zoom on training images (Keras preprocessing layers)
@@ -81,6 +80,12 @@ JIT_COMPILE = ("auto", "true", "false")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 SOURCE_KINDS = ("tfds:NAME", "folder:PATH", "synthetic")
+# Keys that existed once: refused in experiment files and --set (with the reason), dropped when an
+# older run's config.json is read so that its model still evaluates and exports.
+REMOVED_KEYS = {
+    "data.shuffle_buffer": "removed: the training order is a full seeded permutation of the whole "
+                           "split every epoch, whatever its size (see flowers/data.py)",
+}
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,10 @@ def from_dict(raw: Mapping[str, Any], name: str | None = None, origin: str = "co
             raise FlowersError(f"{origin}: [{section}] must be a table of key = value")
         kwargs = {}
         for key, value in values.items():
+            if f"{section}.{key}" in REMOVED_KEYS:
+                if origin.endswith("config.json"):
+                    continue
+                raise FlowersError(f"{origin}: {section}.{key} {REMOVED_KEYS[section + '.' + key]}")
             field_type = _field_types(cls).get(key)
             if field_type is None:
                 raise _unknown_key(section, key)
@@ -188,6 +197,8 @@ def apply_overrides(experiment: Experiment, overrides: Iterable[str]) -> Experim
             raise FlowersError(
                 f"--set {override!r}: unknown section {section!r}; valid: {', '.join(SECTIONS)}"
             )
+        if target.strip() in REMOVED_KEYS:
+            raise FlowersError(f"--set {target.strip()}: {REMOVED_KEYS[target.strip()]}")
         field_type = _field_types(SECTIONS[section]).get(key)
         if field_type is None:
             raise _unknown_key(section, key)
@@ -203,7 +214,6 @@ def validate(experiment: Experiment) -> None:
     d, m, t = experiment.data, experiment.model, experiment.train
     _require(d.image_size >= 32, "data.image_size", d.image_size, "must be >= 32 (ResNet50 minimum)")
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
-    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     for key in ("synthetic_train_images", "synthetic_val_images"):
         _require(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, "must be >= 2")

@@ -15,7 +15,6 @@ def test_shipped_experiments_load():
     assert baseline.model.freeze_backbone and baseline.model.head_units == 128
     assert baseline.model.dropout == 0.5
     assert (baseline.train.learning_rate, baseline.train.batch_size, baseline.train.epochs) == (1e-3, 32, 10)
-    assert baseline.data.shuffle_buffer == 1000
     flowers102 = config.load_experiment("flowers102")
     assert (flowers102.data.train_split, flowers102.data.val_split) == ("train+validation", "test")
 
