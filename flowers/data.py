@@ -1,23 +1,51 @@
 """The input pipeline: one tf.data.Dataset per split, fed unchanged to model.fit on every backend.
 
 Sources: `tfds:NAME` (tensorflow-datasets), `folder:PATH` (one subfolder per class) and `synthetic`
-(generated in memory). Every source ends in the same steps:
+(generated in memory). Each source first becomes an in-memory index of its examples (`Examples`:
+per image a file path, the encoded bytes of a tfds record, or the decoded image, and its label).
+Pipelines are built over positions in that index:
 
-    decode -> resize to image_size (uint8 RGB 0..255) -> cache (when it fits) -> shuffle(seed)
-           -> batch -> cast to float32 -> [augment] -> prefetch
+    order of epoch e -> read -> decode -> resize (uint8 RGB) -> batch -> float32
+          -> [augment(seed, epoch, batch)] -> prefetch
 
-Caching comes before shuffling so each epoch still sees a new order (a cache after shuffle would
-replay the first epoch's order forever). Batches are (float32 images in 0..255, int32 labels);
-ResNet50's preprocessing lives inside the model, so exported models take plain RGB images too.
+Order. The training order of epoch e is `numpy.random.default_rng([seed, e]).permutation(N)` over
+the WHOLE training split: the indices are shuffled, not the decoded images, so a class-sorted
+folder of any size is fed in a fair order (a shuffle buffer smaller than the split would feed it
+almost in class order), no second copy of the images is held, and cached and uncached runs get
+the same order. It depends on nothing but (seed, epoch): `Splits.train_epochs(first, epochs)`
+starts a resumed run at exactly the batches it would have seen, and every backend gets the same
+batches because they all consume this one tf.data pipeline.
+
+Decoding. One decoder decides what an image is: Pillow (`decode_image_bytes`), converting every
+mode (palette, 1-bit, grey, RGBA, CMYK) to RGB. The readability check when a folder is scanned,
+training (through tf.numpy_function), `flowers predict` and the export checks all use it, so a
+file that passes the check is read with the same pixels everywhere.
+
+Caching. With data.cache (and when they fit in half the available RAM), the decoded, resized
+images of both splits are held as one uint8 array each, decoded once when the data is loaded;
+otherwise paths or encoded bytes are held and every epoch decodes again.
+
+Augmentation (data.augment). Keras core layers (RandomFlip, RandomRotation, RandomZoom) run inside
+tf.data with TensorFlow ops whatever the Keras backend (the way keras.layers.Pipeline and the
+DataLayer base class run them). Each layer draws from its own stream, and every draw is stateless:
+the seed of layer k for batch b of epoch e is derived from (seed, k, e, b) only, so the augmented
+stream is reproducible in a new process, parallel map order cannot change it, and a resumed run
+sees the same augmented images.
+
+Batches are (float32 images in 0..255, int32 labels); ResNet50's preprocessing lives inside the
+model, so exported models take plain RGB images too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,26 +54,293 @@ import numpy as np
 from flowers.config import DataConfig, source_kind
 from flowers.errors import FlowersError
 
-# Only these are decodable by tf.io.decode_image; anything else in a class folder is skipped.
-IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
+# What Pillow may decode for training (format names as Pillow reports them).
+IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
 # Cache decoded images only while they take at most this share of the available RAM.
 CACHE_RAM_SHARE = 0.5
+# Folder names taken as the validation split beside train/, in order of preference: a held-out
+# test/ folder is used only when no validation folder exists.
+VAL_DIR_NAMES = ("val", "valid", "validation", "dev", "eval", "test")
 log = logging.getLogger(__name__)
 OFFLINE_ADVICE = "use --set data.source=folder:PATH, data.source=synthetic, or --experiment smoke"
 
 
 @dataclass
-class Splits:
-    """What load() returns: the two pipelines and the facts a run records about its data."""
+class Examples:
+    """One split before batching: what to read for each example, and its label.
 
-    train: object  # tf.data.Dataset of (float32 [B,S,S,3] 0..255, int32 [B]), shuffled
-    val: object
-    train_in_order: object  # the training images unshuffled, unaugmented (for feature caching)
+    kind is "path" (items are file paths), "bytes" (encoded image files) or "array" (items are
+    ready arrays: decoded images at the final size, or backbone features).
+    """
+
+    items: np.ndarray
+    labels: np.ndarray
+    kind: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class Splits:
+    """What load() returns: both splits as examples, and the pipelines built over them."""
+
+    train_examples: Examples
+    val_examples: Examples
     class_names: list[str]
-    num_train: int
-    num_val: int
+    image_size: int
+    batch_size: int
+    seed: int
+    augment: bool
     skipped_files: list[str] = field(default_factory=list)
     cached: bool = False
+    split_dirs: tuple[str, str] | None = None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_examples)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_examples)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_train // self.batch_size)
+
+    def train_epochs(self, first_epoch: int, epochs: int):
+        """Training batches of epochs first_epoch..epochs-1, one epoch after the other.
+
+        Give it to model.fit with steps_per_epoch=self.steps_per_epoch: epoch e's order and
+        augmentation depend only on (seed, e), so a run resumed at first_epoch sees exactly the
+        batches an uninterrupted run sees from there.
+        """
+        augment = _augmenter(self.seed) if self.augment else None
+        return epoch_batches(self.train_examples, self.batch_size, self.seed, first_epoch, epochs,
+                             self.image_size, augment)
+
+    @property
+    def train(self):
+        """One training epoch (epoch 0's order and augmentation)."""
+        return self.train_epochs(0, 1)
+
+    @cached_property
+    def val(self):
+        """The validation split in its stored order, unaugmented."""
+        return in_order(self.val_examples, self.batch_size, self.image_size)
+
+    @property
+    def train_in_order(self):
+        """The training split in its stored order, unaugmented (for feature caching)."""
+        return in_order(self.train_examples, self.batch_size, self.image_size)
+
+    def summary(self) -> str:
+        """One line: images per split and per class, so imbalance shows before training."""
+        return describe_counts(self.class_names, self.train_examples, self.val_examples)
+
+
+def load(config: DataConfig, batch_size: int, seed: int) -> Splits:
+    """Index both splits of `config.source` and prepare their pipelines.
+
+    Args:
+        config: the [data] section.
+        batch_size: images per batch.
+        seed: order, augmentation and split seed.
+
+    Returns:
+        Splits with both splits, class names, skipped files and the pipelines.
+
+    Raises:
+        FlowersError: missing or empty folder, a single class, unknown tfds dataset, or a
+            dataset that must be downloaded while there is no network.
+    """
+    train, val, class_names, skipped, split_dirs = index(config, seed)
+    image_bytes = (len(train) + len(val)) * config.image_size**2 * 3
+    cached = train.kind == "array" or (config.cache and _fits_in_memory(image_bytes))
+    if cached:
+        train, val = (decode_all(e, config.image_size) for e in (train, val))
+    return Splits(train_examples=train, val_examples=val, class_names=list(class_names),
+                  image_size=config.image_size, batch_size=batch_size, seed=seed,
+                  augment=config.augment, skipped_files=skipped, cached=cached,
+                  split_dirs=split_dirs)
+
+
+def index(config: DataConfig, seed: int):
+    """Both splits as Examples, without decoding images (beyond the folder readability check).
+
+    Returns:
+        (train, val, class_names, skipped_files, split_dirs): split_dirs names the folders used
+        as splits when a folder has train/ and a validation folder, else None.
+    """
+    kind, arg = source_kind(config.source)
+    if kind == "folder":
+        listing = scan_folder(Path(arg), config.val_fraction, seed)
+        train = Examples(np.array(listing.train_files), np.array(listing.train_labels, np.int32),
+                         "path")
+        val = Examples(np.array(listing.val_files), np.array(listing.val_labels, np.int32), "path")
+        return train, val, listing.class_names, listing.skipped_files, listing.split_dirs
+    if kind == "tfds":
+        train, val, class_names = _tfds_examples(arg, config.train_split, config.val_split)
+        return train, val, class_names, [], None
+    (x_train, y_train), (x_val, y_val), class_names = synthetic_images(config, seed)
+    return (Examples(x_train, y_train, "array"), Examples(x_val, y_val, "array"), class_names, [],
+            None)
+
+
+def describe_counts(class_names: Sequence[str], train: Examples, val: Examples) -> str:
+    """E.g. "720 train / 240 val images in 12 classes; images per class: train 60, val 20"."""
+    parts = []
+    for name, examples in (("train", train), ("val", val)):
+        counts = examples.class_counts(len(class_names))
+        low, high = int(np.argmin(counts)), int(np.argmax(counts))
+        parts.append(f"{name} {counts[low]}" if counts[low] == counts[high] else
+                     f"{name} {counts[low]} ({class_names[low]}) to {counts[high]} ({class_names[high]})")
+    return (f"{len(train)} train / {len(val)} val images in {len(class_names)} classes; "
+            f"images per class: {', '.join(parts)}")
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of one epoch: a full permutation that depends on (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def epoch_batches(examples: Examples, batch_size: int, seed: int, first_epoch: int, epochs: int,
+                  image_size: int | None = None, augment: Callable | None = None):
+    """Batches of epochs first_epoch..epochs-1, each epoch in its own epoch_order.
+
+    Every epoch has ceil(N / batch_size) batches (the last one may be short). augment(images,
+    epoch, batch_index) is applied to float32 batches when given.
+    """
+    import tensorflow as tf
+
+    if not 0 <= first_epoch < epochs:
+        raise ValueError(f"first_epoch={first_epoch} must be in [0, epochs={epochs})")
+    orders = np.stack([epoch_order(len(examples), seed, e) for e in range(first_epoch, epochs)])
+    read = _reader(examples, image_size)
+
+    def one_epoch(epoch, order):
+        ds = tf.data.Dataset.from_tensor_slices(order).map(read, tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size).map(_to_float, tf.data.AUTOTUNE)
+        if augment is not None:
+            ds = ds.enumerate().map(lambda b, xy: (augment(xy[0], epoch, b), xy[1]),
+                                    tf.data.AUTOTUNE)
+        return ds
+
+    epoch_ids = np.arange(first_epoch, epochs, dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((epoch_ids, orders)).flat_map(one_epoch)
+    steps = -(-len(examples) // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - first_epoch) * steps))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def in_order(examples: Examples, batch_size: int, image_size: int | None = None):
+    """All examples in their stored order, batched, unaugmented."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.range(len(examples)).map(_reader(examples, image_size), tf.data.AUTOTUNE)
+    return ds.batch(batch_size).map(_to_float, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def decode_all(examples: Examples, image_size: int) -> Examples:
+    """The examples decoded and resized into one uint8 array (the in-memory cache)."""
+    if examples.kind == "array":
+        return examples
+    import tensorflow as tf
+
+    images = np.empty((len(examples), image_size, image_size, 3), np.uint8)
+    ds = tf.data.Dataset.range(len(examples)).map(_reader(examples, image_size), tf.data.AUTOTUNE)
+    position = 0
+    for batch, _ in ds.batch(256).as_numpy_iterator():
+        images[position:position + len(batch)] = batch
+        position += len(batch)
+    return Examples(images, examples.labels, "array")
+
+
+def _reader(examples: Examples, image_size: int | None):
+    """position -> (image uint8 [S,S,3] or array row, int32 label), reading examples.items."""
+    import tensorflow as tf
+
+    items = tf.constant(examples.items)
+    labels = tf.constant(examples.labels, tf.int32)
+
+    def read(position):
+        item = tf.gather(items, position)
+        if examples.kind == "path":
+            item = tf.io.read_file(item)
+        if examples.kind != "array":
+            item = resize_image(_decode_tensor(item), image_size)
+        return item, tf.gather(labels, position)
+
+    return read
+
+
+def _to_float(x, y):
+    import tensorflow as tf
+
+    return tf.cast(x, tf.float32), y
+
+
+def _decode_tensor(data):
+    """tf.string scalar (an encoded image file) -> uint8 [H, W, 3], decoded by Pillow."""
+    import tensorflow as tf
+
+    image = tf.numpy_function(lambda b: decode_image_bytes(bytes(b)), [data], tf.uint8,
+                              stateful=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_image_bytes(data: bytes, draft_size: int | None = None) -> np.ndarray:
+    """The one image decoder: an encoded file's bytes -> uint8 RGB [H, W, 3] (first frame).
+
+    draft_size (the folder check only) lets JPEG decode at a reduced scale: every byte is still
+    read and checked, in a fraction of the time.
+
+    Raises:
+        ValueError: not an image, an unsupported format, or a corrupt file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in IMAGE_FORMATS:
+                raise ValueError(f"unsupported image format {image.format}")
+            if draft_size:
+                image.draft("RGB", (draft_size, draft_size))
+            return np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError("not an image") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"corrupt ({exc})") from None
+
+
+def resize_image(image, image_size: int):
+    """Resize one decoded RGB image (any dtype, 0..255) to uint8 [image_size, image_size, 3]."""
+    import tensorflow as tf
+
+    resized = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def load_image_files(paths: Sequence[str | Path], image_size: int) -> np.ndarray:
+    """Images for prediction, decoded exactly as training decodes them: uint8 [N,S,S,3].
+
+    Raises:
+        FlowersError: a file is missing, not an image, or corrupt.
+    """
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FlowersError(f"image file not found: {path}")
+        try:
+            image = decode_image_bytes(Path(path).read_bytes())
+        except ValueError as exc:
+            raise FlowersError(f"cannot read image {path}: {exc}") from None
+        images.append(resize_image(image, image_size).numpy())
+    return np.stack(images)
 
 
 @dataclass
@@ -58,95 +353,17 @@ class FolderListing:
     val_files: list[str]
     val_labels: list[int]
     skipped_files: list[str]
-
-
-def load(config: DataConfig, batch_size: int, seed: int) -> Splits:
-    """Build the train and validation pipelines for `config`.
-
-    Args:
-        config: the [data] section.
-        batch_size: images per batch.
-        seed: shuffle and split seed.
-
-    Returns:
-        Splits with both pipelines, class names, counts and skipped files.
-
-    Raises:
-        FlowersError: missing or empty folder, a single class, unknown tfds dataset, or a
-            dataset that must be downloaded while there is no network.
-    """
-    import tensorflow as tf
-
-    kind, arg = source_kind(config.source)
-    skipped: list[str] = []
-    if kind == "folder":
-        listing = scan_folder(Path(arg), config.val_fraction, seed)
-        class_names, skipped = listing.class_names, listing.skipped_files
-        size = config.image_size
-        train = _files_dataset(listing.train_files, listing.train_labels, size)
-        val = _files_dataset(listing.val_files, listing.val_labels, size)
-        num_train, num_val = len(listing.train_files), len(listing.val_files)
-    elif kind == "tfds":
-        train, val, class_names = _tfds_datasets(arg, config.train_split, config.val_split)
-        train = train.map(lambda x, y: (resize_image(x, config.image_size), y), tf.data.AUTOTUNE)
-        val = val.map(lambda x, y: (resize_image(x, config.image_size), y), tf.data.AUTOTUNE)
-        num_train, num_val = _count(train), _count(val)
-    else:
-        (x_train, y_train), (x_val, y_val), class_names = synthetic_images(config, seed)
-        train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        val = tf.data.Dataset.from_tensor_slices((x_val, y_val))
-        num_train, num_val = len(x_train), len(x_val)
-
-    image_bytes = (num_train + num_val) * config.image_size**2 * 3
-    cached = config.cache and _fits_in_memory(image_bytes)
-    return Splits(
-        train=_finish(train, config, batch_size, seed, training=True, cached=cached),
-        val=_finish(val, config, batch_size, seed, training=False, cached=cached),
-        train_in_order=_finish(train, config, batch_size, seed, training=False, cached=False),
-        class_names=list(class_names),
-        num_train=num_train,
-        num_val=num_val,
-        skipped_files=skipped,
-        cached=cached,
-    )
-
-
-def resize_image(image, image_size: int):
-    """Resize one decoded RGB image (any dtype, 0..255) to uint8 [image_size, image_size, 3]."""
-    import tensorflow as tf
-
-    resized = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
-def decode_image_file(path, image_size: int):
-    """Read, decode (JPEG/PNG/BMP/GIF, first frame) and resize one image file: uint8 HxWx3."""
-    import tensorflow as tf
-
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return resize_image(image, image_size)
-
-
-def load_image_files(paths: Sequence[str | Path], image_size: int) -> np.ndarray:
-    """Images for prediction, decoded exactly as training decoded them: uint8 [N,S,S,3].
-
-    Raises:
-        FlowersError: a file is missing, not an image, or corrupt.
-    """
-    for path in paths:
-        if not Path(path).is_file():
-            raise FlowersError(f"image file not found: {path}")
-        problem = _image_problem(Path(path))
-        if problem:
-            raise FlowersError(f"cannot read image {path}: {problem}")
-    return np.stack([decode_image_file(str(p), image_size).numpy() for p in paths])
+    split_dirs: tuple[str, str] | None = None
 
 
 def scan_folder(root: Path, val_fraction: float, seed: int) -> FolderListing:
     """List a class-per-subfolder image folder and check every file decodes.
 
-    Uses root/train with root/test (or val, validation) when present; otherwise splits each class
-    by val_fraction (stratified, seeded). Unreadable files are skipped and listed.
+    Uses root/train with a validation folder (val, valid, validation, dev, eval, else test) when
+    present; otherwise splits each class by val_fraction (stratified, seeded). Unreadable files
+    are skipped and listed. A class folder holding subfolders of images is refused: it is almost
+    always a split layout whose names were not recognised, which would otherwise train on the
+    split names as classes.
     """
     split_dirs = _explicit_split_dirs(root)
     if split_dirs:
@@ -156,7 +373,8 @@ def scan_folder(root: Path, val_fraction: float, seed: int) -> FolderListing:
         if extra:
             raise FlowersError(f"{val_dir} has classes missing from {train_dir}: {', '.join(extra)}")
         train_per_class = [_list_files(train_dir / c) for c in class_names]
-        val_per_class = [_list_files(val_dir / c) for c in class_names]
+        val_per_class = [_list_files(val_dir / c) if (val_dir / c).is_dir() else []
+                         for c in class_names]
     else:
         class_names = _class_dirs(root)
         train_per_class, val_per_class = [], []
@@ -189,8 +407,10 @@ def scan_folder(root: Path, val_fraction: float, seed: int) -> FolderListing:
         raise FlowersError(f"{root}: no readable training images for class(es) {', '.join(empty)}")
     if not val_files:
         raise FlowersError(f"{root}: no readable validation images (add more images per class "
-                           "or a test/ folder)")
-    return FolderListing(class_names, train_files, train_labels, val_files, val_labels, skipped)
+                           "or a val/ folder)")
+    names = (split_dirs[0].name, split_dirs[1].name) if split_dirs else None
+    return FolderListing(class_names, train_files, train_labels, val_files, val_labels, skipped,
+                         names)
 
 
 def synthetic_images(config: DataConfig, seed: int):
@@ -220,40 +440,88 @@ def synthetic_images(config: DataConfig, seed: int):
     return make(config.synthetic_train_images), make(config.synthetic_val_images), names
 
 
-def _finish(ds, config: DataConfig, batch_size: int, seed: int, training: bool, cached: bool):
-    import tensorflow as tf
-
-    if cached:
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.int32)), tf.data.AUTOTUNE)
-    if training and config.augment:
-        augment = _augmenter(seed)
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _augmenter(seed: int):
+def _augmentation_layers() -> tuple:
     import keras
 
-    # Keras core preprocessing layers run inside tf.data on every backend.
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed),
-        keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed),
-    ])
+    return (keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomRotation(0.1, fill_mode="reflect"),
+            keras.layers.RandomZoom(0.1, fill_mode="reflect"))
 
 
-def _files_dataset(files: list[str], labels: list[int], image_size: int):
+def augmentation_draws(seed: int, layers: tuple | None = None) -> Callable:
+    """draws(images, epoch, batch_index) -> each augmentation layer's random transformation.
+
+    Layer k draws from the key (seed, k) folded with epoch and batch index: its own stream,
+    stateless, a function of (seed, epoch, batch) only.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
-    return ds.map(lambda p, y: (decode_image_file(p, image_size), y), tf.data.AUTOTUNE)
+    layers = layers or _augmentation_layers()
+    seed_class = _stateless_seed_class()
+
+    def draws(images, epoch, batch_index) -> list[dict]:
+        transformations = []
+        for stream, layer in enumerate(layers):
+            key = tf.constant([seed, stream], tf.int64)
+            for data in (epoch, batch_index):
+                key = tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
+            with _tensorflow_ops(layer):
+                transformations.append(layer.get_random_transformation(
+                    images, training=True, seed=seed_class(key)))
+        return transformations
+
+    return draws
 
 
-def _tfds_datasets(name: str, train_split: str, val_split: str):
+def _augmenter(seed: int) -> Callable:
+    """augment(images, epoch, batch_index): random flip, rotation and zoom (see the top)."""
+    layers = _augmentation_layers()
+    draws = augmentation_draws(seed, layers)
+
+    def augment(images, epoch, batch_index):
+        for layer, transformation in zip(layers, draws(images, epoch, batch_index), strict=True):
+            with _tensorflow_ops(layer):
+                images = layer.transform_images(images, transformation, training=True)
+        return images
+
+    return augment
+
+
+@contextlib.contextmanager
+def _tensorflow_ops(layer):
+    """What keras.layers.DataLayer.__call__ does inside tf.data: the layer's own methods run with
+    TensorFlow ops whatever the Keras backend (a Sequential would convert to the backend's
+    tensors and fail under torch and jax)."""
+    layer.backend.set_backend("tensorflow")
+    try:
+        yield
+    finally:
+        layer.backend.reset()
+
+
+def _stateless_seed_class() -> type:
+    """A keras SeedGenerator that derives its draws from one key tensor and keeps no state.
+
+    Keras' random ops take an int (one fixed draw) or a SeedGenerator (a variable advanced on each
+    draw, in whatever order parallel tf.data calls happen to run). This one returns
+    fold_in(key, n) for its n-th draw inside one traced call: distinct draws, no shared state.
+    """
+    import keras
+    import tensorflow as tf
+
+    class StatelessSeed(keras.random.SeedGenerator):
+        def __init__(self, key):  # no super().__init__: there is no state variable to create
+            self.key, self.draws = key, 0
+
+        def next(self, ordered=True):
+            self.draws += 1
+            return tf.random.experimental.stateless_fold_in(self.key, self.draws)
+
+    return StatelessSeed
+
+
+def _tfds_examples(name: str, train_split: str, val_split: str):
+    """(train, val, class_names) of a tfds dataset, images kept as their encoded bytes."""
     import tensorflow_datasets as tfds
 
     try:
@@ -275,15 +543,22 @@ def _tfds_datasets(name: str, train_split: str, val_split: str):
                                f"{OFFLINE_ADVICE}") from None
     if builder.info.supervised_keys is None:
         raise FlowersError(f"tfds:{name} has no (image, label) supervised keys")
+    image_key, label_key = builder.info.supervised_keys[:2]
     try:
-        train, val = builder.as_dataset(split=[train_split, val_split], as_supervised=True,
-                                        shuffle_files=False)
+        # Encoded bytes, decoded later by the one decoder (decode_image_bytes) like folder files.
+        splits = builder.as_dataset(split=[train_split, val_split], as_supervised=True,
+                                    shuffle_files=False,
+                                    decoders={image_key: tfds.decode.SkipDecoding()})
     except (ValueError, KeyError) as exc:
         raise FlowersError(f"tfds:{name}: bad split in data.train_split={train_split!r} / "
                            f"data.val_split={val_split!r}: {exc}") from None
-    label = builder.info.features[builder.info.supervised_keys[1]]
-    return train, val, list(label.names)
-
+    examples = []
+    for ds in splits:
+        pairs = list(ds.as_numpy_iterator())
+        items = np.empty(len(pairs), object)
+        items[:] = [image for image, _ in pairs]
+        examples.append(Examples(items, np.array([label for _, label in pairs], np.int32), "bytes"))
+    return examples[0], examples[1], list(builder.info.features[label_key].names)
 
 def can_reach(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
     """True when a TCP connection to host:port opens (used before a download, to fail fast)."""
@@ -292,13 +567,6 @@ def can_reach(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _count(ds) -> int:
-    cardinality = int(ds.cardinality())
-    if cardinality >= 0:
-        return cardinality
-    return int(ds.reduce(0, lambda n, _: n + 1))
 
 
 def _fits_in_memory(num_bytes: int) -> bool:
@@ -310,7 +578,7 @@ def _fits_in_memory(num_bytes: int) -> bool:
 def _explicit_split_dirs(root: Path) -> tuple[Path, Path] | None:
     if not (root / "train").is_dir():
         return None
-    for name in ("test", "val", "validation"):
+    for name in VAL_DIR_NAMES:
         if (root / name).is_dir():
             return root / "train", root / name
     return None
@@ -322,25 +590,28 @@ def _class_dirs(root: Path, required: bool = True) -> list[str]:
         raise FlowersError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
     if required and len(names) < 2:
         raise FlowersError(f"{root} has a single class ({names[0]}); a classifier needs at least 2")
+    for name in names:
+        nested = sorted(p.name for p in (root / name).iterdir()
+                        if p.is_dir() and not p.name.startswith("."))
+        if nested:
+            shown = ", ".join(nested[:3]) + (", ..." if len(nested) > 3 else "")
+            raise FlowersError(
+                f"{root / name} holds subfolders ({shown}), so its classes would be folder names; "
+                f"expected {root}/<class>/<images>, or train/ beside one of "
+                f"{', '.join(VAL_DIR_NAMES)} with <class>/<images> in each")
     return names
 
 
 def _list_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def _image_problem(path: Path) -> str | None:
-    """None when the file fully decodes as a supported image, else what is wrong with it."""
-    from PIL import Image, UnidentifiedImageError
-
+    """None when the file decodes with the training decoder, else what is wrong with it."""
     try:
-        with Image.open(path) as image:
-            if image.format not in IMAGE_FORMATS:
-                return f"unsupported image format {image.format}"
-            image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; still reads every byte
-            image.load()
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, ValueError, SyntaxError) as exc:
-        return f"corrupt ({exc})"
+        decode_image_bytes(path.read_bytes(), draft_size=64)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except ValueError as exc:
+        return str(exc)
     return None

@@ -4,8 +4,10 @@ How each figure is measured (the same code runs under torch, tensorflow and jax)
 - epoch_times_s: wall seconds of each epoch's training steps (validation excluded).
 - first_epoch_s: epoch_times_s[0]; it carries graph tracing / compilation / warm-up.
 - feature_extraction_s: train.cache_features only: computing the backbone features once.
-- train_images_per_s: num_train * (epochs - 1) / sum(epoch_times_s[1:]) -- the first epoch is
-  excluded so compile time does not hide the steady-state speed. Needs >= 2 epochs.
+- warmup_epochs: the first epoch each process ran (epoch 0, plus the first epoch after every
+  resume): it carries tracing/compilation, so the throughput leaves it out.
+- train_images_per_s: num_train * (epochs not in warmup_epochs) / their summed epoch_times_s --
+  steady state, compile time excluded. Needs one epoch that is not a warm-up epoch.
 - train_time_s: wall seconds of all epochs, validation included (what a user waits for), plus
   feature_extraction_s when features are cached.
 - peak_host_rss_mb: largest resident set size of this process, sampled every 50 ms by a thread.
@@ -38,7 +40,8 @@ METRIC_KEYS = (
     "python_version", "device", "host", "config_hash", "run_id", "created", "resumed",
     "num_train", "num_val", "num_classes", "skipped_files", "data_cached",
     "data_format", "jit_compile", "dtype_policy",
-    "epochs", "feature_extraction_s", "train_time_s", "epoch_times_s", "first_epoch_s", "train_images_per_s",
+    "epochs", "feature_extraction_s", "train_time_s", "epoch_times_s", "first_epoch_s", "warmup_epochs",
+    "train_images_per_s",
     "peak_host_rss_mb", "peak_device_mem_mb", "eval_time_s", "latency_ms",
     "val_loss", "val_accuracy", "val_top5_accuracy",
 )
@@ -103,11 +106,14 @@ def latency_ms(predict_on_batch: Callable[[np.ndarray], Any], images: np.ndarray
     return result
 
 
-def throughput(num_images: int, epoch_times_s: list[float]) -> tuple[float | None, str | None]:
-    """Training images per second excluding the first epoch, or (None, reason)."""
-    if len(epoch_times_s) < 2:
-        return None, "needs at least 2 epochs (the first epoch carries compile/warm-up time)"
-    return num_images * (len(epoch_times_s) - 1) / sum(epoch_times_s[1:]), None
+def throughput(num_images: int, epoch_times_s: list[float],
+               warmup_epochs: list[int] = (0,)) -> tuple[float | None, str | None]:
+    """Training images per second over the epochs that are not warm-up epochs, or (None, reason)."""
+    steady = [t for epoch, t in enumerate(epoch_times_s) if epoch not in set(warmup_epochs)]
+    if not steady:
+        return None, ("needs at least 2 epochs in one process (the first epoch a process runs "
+                      "carries compile/warm-up time)")
+    return num_images * len(steady) / sum(steady), None
 
 
 def build_metrics(values: dict[str, Any], null_reasons: dict[str, str]) -> dict[str, Any]:
@@ -131,6 +137,8 @@ def read_metrics(path: Path) -> dict[str, Any]:
         raise FlowersError(f"{path}: unreadable metrics.json ({exc})") from None
     if not isinstance(metrics, dict):
         raise FlowersError(f"{path}: metrics.json is not a JSON object")
+    # Runs from before warmup_epochs existed excluded epoch 0 only.
+    metrics.setdefault("warmup_epochs", [0])
     missing = [k for k in (*METRIC_KEYS, "null_reasons") if k not in metrics]
     if missing:
         raise FlowersError(f"{path}: metrics.json lacks {', '.join(missing)}")
