@@ -20,6 +20,8 @@ from typing import Any
 from flowers.errors import FlowersError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# np.random.seed (which keras.utils.set_random_seed calls under every backend) takes 0..2**32-1.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,26 @@ def experiments_dir() -> Path:
     return Path(env) if env else PROJECT_ROOT / "experiments"
 
 
+def resolve_path(text: str) -> Path:
+    """A path from an experiment: `~` expanded, a relative path taken from the project root.
+
+    Experiment files and run config.json files live in and under the project, next to the
+    runs/exports/reports roots that resolve from it too, so one rule holds wherever flowers is run
+    from. Paths given with --set are made absolute from the current directory first
+    (apply_overrides), so they never reach this rule as relative paths.
+    """
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(PROJECT_ROOT / path))
+
+
 def list_experiments() -> list[str]:
     return sorted(p.stem for p in experiments_dir().glob("*.toml"))
+
+
+def unknown_experiment(name: str) -> FlowersError:
+    """The one-line error for an experiment name with no file, listing the ones there are."""
+    available = ", ".join(list_experiments()) or "none"
+    return FlowersError(f"unknown experiment {name!r}; available: {available} (in {experiments_dir()})")
 
 
 def load_experiment(name_or_path: str, overrides: Iterable[str] = ()) -> Experiment:
@@ -139,11 +159,7 @@ def load_experiment(name_or_path: str, overrides: Iterable[str] = ()) -> Experim
     if path.suffix != ".toml":
         path = experiments_dir() / f"{name_or_path}.toml"
     if not path.is_file():
-        available = ", ".join(list_experiments()) or "none"
-        raise FlowersError(
-            f"unknown experiment {name_or_path!r}; available: {available} "
-            f"(in {experiments_dir()})"
-        )
+        raise unknown_experiment(name_or_path)
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -202,7 +218,8 @@ def apply_overrides(experiment: Experiment, overrides: Iterable[str]) -> Experim
         field_type = _field_types(SECTIONS[section]).get(key)
         if field_type is None:
             raise _unknown_key(section, key)
-        value = _parse(f"{section}.{key}", text.strip(), field_type)
+        value = _absolute_from_cwd(f"{section}.{key}", _parse(f"{section}.{key}", text.strip(),
+                                                                  field_type))
         updated = dataclasses.replace(getattr(experiment, section), **{key: value})
         experiment = dataclasses.replace(experiment, **{section: updated})
     validate(experiment)
@@ -220,7 +237,7 @@ def validate(experiment: Experiment) -> None:
     source_kind(d.source)  # validates the form and, for folders, that the path exists
     _require(m.head_units >= 1, "model.head_units", m.head_units, "must be >= 1")
     _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
-    if m.weights not in ("imagenet", "none") and not Path(m.weights).expanduser().is_file():
+    if m.weights not in ("imagenet", "none") and not resolve_path(m.weights).is_file():
         raise FlowersError(
             f"model.weights={m.weights!r}: weights file not found; use 'imagenet', 'none' "
             "or the path of a ResNet50 (include_top=False) weights file"
@@ -228,6 +245,7 @@ def validate(experiment: Experiment) -> None:
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", t.seed, f"must be in 0..{MAX_SEED} (2**32 - 1)")
     _require(t.latency_repeats >= 1, "train.latency_repeats", t.latency_repeats, "must be >= 1")
     _require(m.data_format in DATA_FORMATS, "model.data_format", m.data_format,
              f"must be one of {', '.join(DATA_FORMATS)}")
@@ -250,11 +268,55 @@ def source_kind(source: str) -> tuple[str, str]:
     if kind == "tfds" and arg:
         return "tfds", arg
     if kind == "folder" and arg:
-        path = Path(arg).expanduser()
+        path = resolve_path(arg)
         if not path.is_dir():
             raise FlowersError(f"data.source={source!r}: folder {str(path)!r} does not exist")
         return "folder", str(path)
     raise FlowersError(f"data.source={source!r}: expected one of {', '.join(SOURCE_KINDS)}")
+
+
+def settings(experiment: Mapping[str, Any]) -> dict[str, Any]:
+    """{"section.key": value} of an Experiment.to_dict() shape (a run's config.json "experiment").
+
+    A key missing from an older run's config.json had its default then; name, description and
+    removed keys are not settings.
+    """
+    flat = {}
+    for section, cls in SECTIONS.items():
+        given = experiment.get(section, {})
+        for key, default in dataclasses.asdict(cls()).items():
+            flat[f"{section}.{key}"] = given.get(key, default)
+    return flat
+
+
+def same_place(key: str, value: Any) -> Any:
+    """A setting's value with paths made absolute, so that a relative path in a file and the
+    absolute path --set made of it compare equal; other values unchanged."""
+    if key == "data.source" and str(value).startswith("folder:"):
+        return "folder:" + str(resolve_path(str(value)[len("folder:"):]).resolve())
+    if key == "model.weights" and value not in ("imagenet", "none"):
+        return str(resolve_path(str(value)).resolve())
+    return value
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(section.key, value in a, value in b) for every setting that differs between two experiments
+    (Experiment.to_dict() shapes); paths that name the same place are equal."""
+    left, right = settings(a), settings(b)
+    return [(key, left[key], right[key]) for key in left
+            if same_place(key, left[key]) != same_place(key, right[key])]
+
+
+def _absolute_from_cwd(name: str, value: Any) -> Any:
+    """--set paths are typed relative to where the user stands, not to the project root."""
+    def absolute(text: str) -> str:
+        return os.path.abspath(Path(text).expanduser())
+
+    if name == "data.source" and value.startswith("folder:") and len(value) > len("folder:"):
+        return "folder:" + absolute(value[len("folder:"):])
+    if name == "model.weights" and value not in ("imagenet", "none"):
+        return absolute(value)
+    return value
 
 
 def _field_types(cls: type) -> dict[str, type]:

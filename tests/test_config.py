@@ -1,5 +1,7 @@
 """Experiment files and --set overrides (in-process: nothing here imports keras)."""
 
+import dataclasses
+
 import pytest
 
 from flowers import config
@@ -95,3 +97,48 @@ def test_bad_experiment_file(tmp_path):
     bad.write_text("[train\n")
     with pytest.raises(FlowersError, match="not valid TOML"):
         config.load_experiment(str(bad))
+
+
+@pytest.mark.parametrize("seed, message", [
+    ("-1", "train.seed=-1: must be in 0..4294967295"),
+    (str(2**32), f"train.seed={2**32}: must be in 0..4294967295"),
+])
+def test_seed_outside_what_numpy_accepts_is_refused(seed, message):
+    # np.random.seed (called by keras.utils.set_random_seed under every backend) takes 0..2**32-1
+    with pytest.raises(FlowersError) as info:
+        config.load_experiment("smoke", [f"train.seed={seed}"])
+    assert message in str(info.value)
+    assert config.load_experiment("smoke", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+
+
+def test_resume_differences_name_each_setting_and_ignore_path_spelling():
+    started = config.load_experiment("flowers12", ["train.epochs=3"]).to_dict()
+    bare = config.load_experiment("flowers12").to_dict()
+    assert config.differences(started, bare) == [("train.epochs", 3, 8)]
+    # the file's relative folder and --set's absolute spelling of the same folder are one place
+    absolute = config.load_experiment(
+        "flowers12", [f"data.source=folder:{config.PROJECT_ROOT.parent / 'shared/data/flowers12'}",
+                      "train.epochs=3"]).to_dict()
+    assert absolute["data"]["source"] != started["data"]["source"]
+    assert config.differences(started, absolute) == []
+    # a key an older run's config.json lacks had its default then
+    del started["train"]["cache_features"]
+    assert config.differences(started, absolute) == []
+
+
+def _documented_keys(section: str) -> str:
+    """The README bullet that lists [section]'s keys (up to the next bullet or blank line)."""
+    lines = (config.PROJECT_ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"- `[{section}]`"))
+    end = next(i for i in range(start + 1, len(lines))
+               if not lines[i].strip() or lines[i].startswith("- "))
+    return " ".join(lines[start:end])
+
+
+@pytest.mark.parametrize("section", list(config.SECTIONS))
+def test_every_config_key_is_documented_in_the_readme(section):
+    bullet = _documented_keys(section)
+    missing = [f.name for f in dataclasses.fields(config.SECTIONS[section]) if f"`{f.name}`" not in bullet]
+    assert not missing, f"README's [{section}] key list lacks {missing}"
+    removed = [key.split(".")[1] for key in config.REMOVED_KEYS if key.startswith(section + ".")]
+    assert not [k for k in removed if f"`{k}`" in bullet], "README documents a removed key"
