@@ -18,10 +18,14 @@ from flowers import __version__, backend, config, runs, weights
 from flowers.errors import FlowersError
 
 DEFAULT_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
-backend_option = click.option(
-    "--backend", "backend_name", default=None, metavar="NAME",
-    help="torch, tensorflow or jax (default: $KERAS_BACKEND or tensorflow).",
-)
+
+
+def _backend_option(default: str = "$KERAS_BACKEND or tensorflow"):
+    return click.option("--backend", "backend_name", default=None, metavar="NAME",
+                        help=f"torch, tensorflow or jax (default: {default}).")
+
+
+backend_option = _backend_option()
 runs_dir_option = click.option(
     "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Root of the run directories (default: $FLOWERS_RUNS_DIR or experiments/runs).",
@@ -77,18 +81,18 @@ def info() -> None:
 @runs_dir_option
 def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...], resume: bool,
           runs_dir: Path | None) -> None:
-    """Train an experiment; the last line printed is the run directory."""
-    exp = config.load_experiment(experiment, overrides)
-    name = backend.select(backend_name or DEFAULT_BACKEND)
+    """Train an experiment; the last line printed is the run directory.
+
+    With --resume the unfinished run continues with the settings it was started with; a --set
+    that changes one of them is refused.
+    """
+    exp = config.load_experiment(experiment, () if resume else overrides)
+    name = backend.check_name(backend_name or DEFAULT_BACKEND)
     root = runs.runs_root(runs_dir)
     resume_dir = None
-    if resume:
-        resume_dir = runs.find_incomplete(root, exp.name, name)
-        saved, _ = runs.read_run_config(resume_dir)
-        if saved.to_dict() != exp.to_dict():
-            raise FlowersError(f"--resume: {resume_dir.name} was started with other settings "
-                               f"({_differences(saved.to_dict(), exp.to_dict())}); "
-                               "resume with the same --set values or start a new run")
+    if resume:  # checked before select() imports the frameworks: a refusal takes a second
+        resume_dir, exp = runs.resume_settings(root, exp.name, name, overrides)
+    backend.select(name)
     from flowers.train import train as run_training
 
     run_dir = run_training(exp, name, root, resume_dir=resume_dir)
@@ -100,7 +104,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@backend_option
+@_backend_option("the backend that trained the run")
 def evaluate(run_dir: Path, backend_name: str | None) -> None:
     """Re-evaluate a run's model.keras on its validation data (default: the run's own backend)."""
     runs.check_complete(run_dir)
@@ -291,13 +295,6 @@ def bench(backends: str, image_size: int, batch_size: int, steps: int, rounds: i
                                            progress=lambda line: click.echo(line, err=True))
     click.echo(benchmark.markdown(results))
     click.echo(str(out_dir / "bench.md"))
-
-
-def _differences(saved: dict, wanted: dict) -> str:
-    diffs = [f"{section}.{key}: {saved[section][key]!r} -> {wanted[section][key]!r}"
-             for section in config.SECTIONS for key in saved[section]
-             if saved[section][key] != wanted[section][key]]
-    return "; ".join(diffs) or "name or description"
 
 
 def main(argv: list[str] | None = None) -> None:

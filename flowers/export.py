@@ -160,8 +160,8 @@ def export_run(run_dir: str | Path, formats: Iterable[str], out_root: Path,
     step(f"loading verification images of {experiment.name} ({experiment.data.source})")
     images, images_from = verification_images(experiment)
     parent = out_root / experiment.name
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
+    # Not tempfile.mkdtemp: the version must be readable by a server running as another user.
+    staging = runs.make_public_dir(parent, STAGING_PREFIX)
     try:
         with tempfile.TemporaryDirectory(prefix="flowers-export-") as scratch:
             results, write_info = _write_and_verify(
@@ -228,7 +228,7 @@ def list_exports(root: Path, experiment: str | None = None) -> list[dict[str, An
 def render_results(manifest: dict[str, Any]) -> str:
     """The verification table of a manifest, one row per format and runtime."""
     sizes = {fmt: entry["bytes"] for fmt, entry in manifest["formats"].items()}
-    rows = [("format", "runtime", "top-1 agree", "max |Δprob|", "p50 ms (batch 1)", "size MB")]
+    rows = [("format", "runtime", "top-1 agree", "max |Δprob|", "p50 ms (batch 1)", "size MiB")]
     for r in manifest["verification"]["results"]:
         rows.append((r["format"], r["runtime"], f"{r['top1_agreement']:.1%}",
                      f"{r['max_abs_prob_diff']:.1e}", f"{r['batch1_p50_ms']:.2f}",

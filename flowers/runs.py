@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowers.config import Experiment, experiments_dir, from_dict
+from flowers.config import Experiment, apply_overrides, differences, experiments_dir, from_dict
 from flowers.errors import FlowersError
 
 RUN_FILES = ("config.json", "metrics.json", "history.csv", "model.keras")
@@ -54,6 +55,46 @@ def find_incomplete(root: Path, experiment_name: str, backend: str) -> Path:
         raise FlowersError(f"nothing to resume: no unfinished {experiment_name}/{backend} run "
                            f"under {root}")
     return candidates[-1]
+
+
+def resume_settings(root: Path, experiment_name: str, backend: str,
+                    overrides: Iterable[str] = ()) -> tuple[Path, Experiment]:
+    """The newest unfinished run of experiment+backend and the settings it was started with.
+
+    A resumed run continues with its own config.json, whatever the experiment file says now, so
+    `--resume` needs no `--set`. An override is only checked: one that changes a stored setting is
+    refused (the run's epochs so far were trained with the stored value), naming each key.
+
+    Raises:
+        FlowersError: nothing to resume, or an override that conflicts with the stored settings.
+    """
+    resume_dir = find_incomplete(root, experiment_name, backend)
+    saved, _ = read_run_config(resume_dir)
+    overrides = list(overrides)
+    wanted = apply_overrides(saved, overrides)
+    conflicts = differences(saved.to_dict(), wanted.to_dict())
+    if conflicts:
+        changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in conflicts)
+        raise FlowersError(f"--resume: {resume_dir.name} was started with other settings ({changes}); "
+                           "drop those --set values to resume it, or start a new run without --resume")
+    return resume_dir, saved
+
+
+def make_public_dir(parent: Path, prefix: str) -> Path:
+    """Create a new, uniquely named directory under parent with the umask's normal permissions.
+
+    Staging directories are renamed into place as published runs, export versions and reports,
+    which other users (a model server, a colleague) must be able to read; tempfile.mkdtemp would
+    make them private (0o700).
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def finalize(incomplete: Path) -> Path:

@@ -1,0 +1,69 @@
+"""`--resume` continues with the interrupted run's own settings; only a conflicting --set is refused.
+
+The library check (runs.resume_settings) is tested in-process; one bare `flowers train --resume`
+trains a tiny run to show the CLI uses it.
+"""
+
+import pytest
+
+from conftest import flowers, one_line_error, read_json, run_dir_of
+from flowers import config, runs
+from flowers.errors import FlowersError
+
+
+def _interrupted(root, overrides, backend="tensorflow"):
+    """An .incomplete- run of smoke started with `overrides` (as runs.start_run leaves it)."""
+    return runs.start_run(root, config.load_experiment("smoke", overrides), backend)
+
+
+def test_bare_resume_takes_the_runs_settings(tmp_path):
+    started = _interrupted(tmp_path, ["train.epochs=3", "data.image_size=48"])
+    resume_dir, experiment = runs.resume_settings(tmp_path, "smoke", "tensorflow")
+    assert resume_dir == started
+    assert (experiment.train.epochs, experiment.data.image_size) == (3, 48)  # smoke.toml says 2, 32
+
+
+def test_a_set_that_repeats_a_stored_value_is_accepted(tmp_path):
+    _interrupted(tmp_path, ["train.epochs=3"])
+    _, experiment = runs.resume_settings(tmp_path, "smoke", "tensorflow", ["train.epochs=3"])
+    assert experiment.train.epochs == 3
+
+
+def test_a_conflicting_set_is_refused_naming_each_key(tmp_path):
+    started = _interrupted(tmp_path, ["train.epochs=3"])
+    with pytest.raises(FlowersError) as info:
+        runs.resume_settings(tmp_path, "smoke", "tensorflow",
+                             ["train.epochs=8", "train.learning_rate=0.01"])
+    message = str(info.value)
+    assert f"--resume: {started.name} was started with other settings" in message
+    assert "train.learning_rate: 0.0001 -> 0.01" in message and "train.epochs: 3 -> 8" in message
+    # a --set that is wrong in itself is still refused as such
+    with pytest.raises(FlowersError, match="unknown key train.epochz"):
+        runs.resume_settings(tmp_path, "smoke", "tensorflow", ["train.epochz=3"])
+
+
+def test_nothing_to_resume(tmp_path):
+    with pytest.raises(FlowersError, match="nothing to resume: no unfinished smoke/jax run"):
+        runs.resume_settings(tmp_path, "smoke", "jax")
+
+
+def test_conflict_from_the_cli_is_one_line(tmp_path):
+    _interrupted(tmp_path, ["train.epochs=3"])
+    error = one_line_error(flowers("train", "-e", "smoke", "--backend", "tensorflow", "--resume",
+                                   "--set", "train.epochs=8", "--runs-dir", str(tmp_path)))
+    assert "train.epochs: 3 -> 8" in error
+
+
+@pytest.mark.slow
+def test_bare_resume_from_the_cli_finishes_the_run_with_its_settings(tmp_path):
+    # smoke.toml says 2 epochs at 32 px; the interrupted run was started with other settings
+    started = _interrupted(tmp_path, ["train.epochs=1", "data.synthetic_train_images=16",
+                                      "data.synthetic_val_images=8", "train.batch_size=8",
+                                      "train.latency_repeats=1"])
+    run = run_dir_of(flowers("train", "-e", "smoke", "--backend", "tensorflow", "--resume",
+                             "--runs-dir", str(tmp_path)))
+    assert run.name == started.name.removeprefix(runs.INCOMPLETE_PREFIX)
+    metrics = read_json(run / "metrics.json")
+    assert metrics["resumed"] is True
+    assert (metrics["epochs"], metrics["num_train"], metrics["num_val"]) == (1, 16, 8)
+    assert read_json(run / "config.json")["experiment"]["train"]["epochs"] == 1
