@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flowers import config
-from flowers.data import scan_folder, synthetic_images
+from flowers.data import decode_image_bytes, load_image_files, scan_folder, synthetic_images
 from flowers.errors import FlowersError
 
 
@@ -80,3 +80,60 @@ def test_synthetic_images_are_seeded_and_balanced():
     assert len(names) == cfg.synthetic_classes
     assert np.bincount(y).min() == np.bincount(y).max()
     assert len(xv) == cfg.synthetic_val_images
+
+
+def test_train_valid_layout_uses_the_species_as_classes(tmp_path, flowers12):
+    """train/ + valid/ (a common download layout) once became a two-class problem."""
+    root = tmp_path / "downloaded"
+    for split, source in (("train", "train"), ("valid", "test")):
+        for species in sorted(p.name for p in (flowers12 / source).iterdir())[:3]:
+            (root / split / species).mkdir(parents=True)
+            for photo in sorted((flowers12 / source / species).iterdir())[:4]:
+                shutil.copy(photo, root / split / species / photo.name)
+    listing = scan_folder(root, 0.2, seed=0)
+    assert listing.class_names == sorted(p.name for p in (flowers12 / "train").iterdir())[:3]
+    assert listing.split_dirs == ("train", "valid")
+    assert (len(listing.train_files), len(listing.val_files)) == (12, 12)
+
+
+def test_class_folders_with_subfolders_are_refused(tmp_path, flowers12):
+    root = _photo_folder(tmp_path / "a", flowers12)
+    nested = tmp_path / "nested"
+    (nested / "training").mkdir(parents=True)
+    shutil.move(str(root), str(nested / "training" / "photos"))
+    (nested / "other").mkdir()
+    with pytest.raises(FlowersError) as info:
+        scan_folder(nested, 0.2, seed=0)
+    assert "holds subfolders (photos)" in str(info.value)
+
+
+def _bmp_twins(folder, image):
+    """The same picture as a BMP and as a PNG (lossless both)."""
+    image.save(folder / "picture.bmp")
+    image.save(folder / "picture.png")
+    return folder / "picture.bmp", folder / "picture.png"
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "L", "RGBA"])
+def test_every_bmp_mode_decodes_to_the_pixels_of_its_png_twin(tmp_path, flowers12, mode):
+    """Palette BMPs came out as palette indices and 1-bit BMPs failed mid-epoch under tf.io."""
+    from PIL import Image
+
+    photo = Image.open(next((flowers12 / "train").rglob("*.jpg"))).convert("RGB")
+    picture = photo.convert(mode) if mode != "P" else photo.quantize(64)
+    bmp, png = _bmp_twins(tmp_path, picture)
+    expected = np.asarray(picture.convert("RGB"))
+    assert np.array_equal(decode_image_bytes(bmp.read_bytes()), expected)
+    assert np.array_equal(decode_image_bytes(png.read_bytes()), expected)
+    assert np.array_equal(load_image_files([bmp], 64), load_image_files([png], 64))
+
+
+def test_webp_photos_are_read_not_skipped(tmp_path, flowers12):
+    from PIL import Image
+
+    root = _photo_folder(tmp_path, flowers12, classes=2, per_class=5)
+    for jpg in root.rglob("*.jpg"):
+        Image.open(jpg).save(jpg.with_suffix(".webp"), lossless=True)
+        jpg.unlink()
+    listing = scan_folder(root, 0.2, seed=0)
+    assert listing.skipped_files == [] and len(listing.train_files) + len(listing.val_files) == 10

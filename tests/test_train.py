@@ -29,6 +29,7 @@ def test_smoke_run_is_complete_with_plausible_metrics(smoke_runs, backend):
     assert len(metrics["epoch_times_s"]) == 2 and all(t > 0 for t in metrics["epoch_times_s"])
     assert metrics["first_epoch_s"] == metrics["epoch_times_s"][0]
     assert metrics["train_time_s"] >= sum(metrics["epoch_times_s"])
+    assert metrics["warmup_epochs"] == [0]
     assert metrics["train_images_per_s"] == pytest.approx(128 / metrics["epoch_times_s"][1])
     assert metrics["peak_host_rss_mb"] > 100
     assert metrics["peak_device_mem_mb"] is None
@@ -100,7 +101,7 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
     assert len(names) == 102 and names[0] == "pink primrose"
 
 
-def test_interrupted_run_resumes_to_a_complete_run(tmp_path):
+def test_interrupted_run_resumes_to_a_complete_run(tmp_path, smoke_runs):
     """A run that dies after epoch 1 leaves only an .incomplete- dir; --resume finishes it."""
     driver = f"""
         import sys
@@ -129,6 +130,21 @@ def test_interrupted_run_resumes_to_a_complete_run(tmp_path):
     assert run.name == incomplete.name.removeprefix(".incomplete-")
     metrics = read_json(run / "metrics.json")
     assert metrics["resumed"] is True and len(metrics["epoch_times_s"]) == 3
+    # Both processes' first epochs carried tracing: only epoch 2 measures the steady speed.
+    assert metrics["warmup_epochs"] == [0, 1]
+    assert metrics["train_images_per_s"] == pytest.approx(128 / metrics["epoch_times_s"][2])
+    uninterrupted = read_json(smoke_runs["tensorflow"] / "metrics.json")["train_images_per_s"]
+    assert metrics["train_images_per_s"] == pytest.approx(uninterrupted, rel=0.2)
     with (run / "history.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2"]
     assert not (run / "backup").exists() and not list(parent.glob(".incomplete-*"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_augmented_training_runs_under_every_backend(tmp_path, backend):
+    """data.augment once crashed under torch and jax (a Sequential converted tf.data tensors)."""
+    run = run_dir_of(flowers("train", "-e", "smoke", "--backend", backend, "--runs-dir", str(tmp_path),
+                             "--set", "data.augment=true", "--set", "train.epochs=1",
+                             "--set", "train.latency_repeats=2"))
+    metrics = read_json(run / "metrics.json")
+    assert 0 <= metrics["val_accuracy"] <= 1 and metrics["num_train"] == 128
