@@ -124,17 +124,18 @@ out_option = click.option(
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--experiment", "-e", default=None,
-              help="Compare the newest complete run of this experiment under each backend.")
+              help="Compare the newest complete runs of this experiment, one per backend, that "
+                   "share one configuration (others are named as left out).")
 @out_option
 @click.option("--allow-mixed", is_flag=True,
-              help="Compare runs with different config hashes or devices (the report says so).")
+              help="Compare runs with different settings or devices (the report says so).")
 @runs_dir_option
 def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None, allow_mixed: bool,
             runs_dir: Path | None) -> None:
     """Compare runs side by side: OUT/<experiment>/comparison.md, charts, CSV and JSON.
 
-    Give --experiment NAME (newest complete run per backend) or RUN_DIR arguments. The last line
-    printed is the path of comparison.md.
+    Give --experiment NAME (the newest complete runs, one per backend, with the same settings and
+    device) or RUN_DIR arguments. The last line printed is the path of comparison.md.
     """
     from flowers import report
 
@@ -144,7 +145,10 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
         if not experiment:
             raise FlowersError("nothing to compare: give --experiment NAME (newest complete run "
                                "per backend) or RUN_DIR arguments")
-        run_dirs = tuple(report.newest_runs(runs.runs_root(runs_dir), experiment))
+        chosen, left_out = report.newest_runs(runs.runs_root(runs_dir), experiment)
+        for line in left_out:
+            click.echo(line)
+        run_dirs = tuple(chosen)
     report_dir, comparison = report.compare(run_dirs, report.reports_root(out), allow_mixed)
     click.echo(report.render_table(comparison))
     click.echo(str(report_dir / "comparison.md"))
@@ -215,7 +219,10 @@ def exports_list(experiment: str | None, out: Path | None) -> None:
     from flowers import export
 
     root = export.exports_root(out)
-    click.echo(export.render_list(export.list_exports(root, experiment), root, experiment))
+    manifests = export.list_exports(root, experiment)
+    if experiment and not manifests and experiment not in config.list_experiments():
+        raise config.unknown_experiment(experiment)
+    click.echo(export.render_list(manifests, root, experiment))
 
 
 @cli.command()

@@ -33,6 +33,14 @@ from flowers.metrics import read_metrics
 
 BACKEND_COLORS = {"torch": "#d62728", "tensorflow": "#ff7f0e", "jax": "#1f77b4"}
 NOISE_STANDARD_ERRORS = 2  # "within noise" = spread within 2 standard errors of a difference
+# What the accuracy noise figure is and is not (report and comparison.json say it in these words).
+NOISE_CAVEAT = (
+    "It is a scale, not a significance test: it treats the accuracies as independent samples, "
+    "although every run is scored on the same images; models that get the same images right have a "
+    "smaller paired noise (McNemar's test on per-image predictions, which runs do not save), so "
+    "'within noise' here can miss a real difference. Seed-to-seed training variation is not in it "
+    "either (one run per backend), and Keras initialises the weights differently under each backend "
+    "even with the same seed.")
 
 
 @dataclass(frozen=True)
@@ -45,16 +53,20 @@ class Row:
     better: str  # "lower" | "higher"
     decimals: int | None = None  # None: 3 significant figures, roughly
     optional: bool = False  # left out of the report when no run measured it
+    note: str = ""  # what a reader must know to read the figure (table label and chart title)
 
     @property
     def title(self) -> str:
-        return f"{self.label} ({self.unit})" if self.unit else self.label
+        label = f"{self.label}, {self.note}" if self.note else self.label
+        return f"{label} ({self.unit})" if self.unit else label
 
 
 ROWS = (
     Row("train_time_s", "train time", "s", "lower"),
     Row("feature_extraction_s", "feature extraction", "s", "lower", optional=True),
-    Row("train_images_per_s", "train throughput", "img/s", "higher"),
+    # A backend that compiles longer can win on train time and lose on throughput: say why.
+    Row("train_images_per_s", "train throughput", "img/s", "higher",
+        note="first epoch excluded"),
     Row("first_epoch_s", "first epoch, incl. compile", "s", "lower"),
     Row("peak_host_rss_mb", "peak host RSS", "MiB", "lower"),
     Row("peak_device_mem_mb", "peak device memory", "MiB", "lower"),
@@ -94,25 +106,66 @@ def reports_root(override: str | Path | None = None) -> Path:
     return Path(env) if env else config.PROJECT_ROOT / "reports"
 
 
-def newest_runs(root: Path, experiment: str) -> list[Path]:
-    """The newest complete run of `experiment` per backend (backends in the usual order).
+def newest_runs(root: Path, experiment: str) -> tuple[list[Path], list[str]]:
+    """The newest complete runs of `experiment` that share one configuration, one per backend.
+
+    A configuration is the runs' settings (config.json, paths compared by place) and their device.
+    The one with runs under the most backends wins, then the one with the newest run, so a quick
+    `--set` run under one backend does not block the comparison of the full matrix.
+
+    Returns:
+        (run directories in the usual backend order, a line for each newer or other-configuration
+        run that was left out, naming how its settings differ).
 
     Raises:
-        FlowersError: no complete run of this experiment under root.
+        FlowersError: unknown experiment (no file and no runs), or no complete run of it under root.
     """
     name = Path(experiment).stem if experiment.endswith(".toml") else experiment
-    found = []
-    for backend_name in backend.BACKENDS:
-        complete = runs.complete_runs(root, name, backend_name)
-        if complete:
-            found.append(complete[-1])
-    if not found:
+    candidates = {b: runs.complete_runs(root, name, b) for b in backend.BACKENDS}
+    if not any(candidates.values()):
+        if name not in config.list_experiments():
+            raise config.unknown_experiment(name)
         with_runs = sorted({p.parent.parent.name for p in runs.complete_runs(root)})
         have = f"experiments with runs there: {', '.join(with_runs)}" if with_runs else "none there"
         raise FlowersError(f"no complete runs of experiment {name!r} under {root} ({have}); train "
                            f"first, e.g. nox -s train-torch train-tensorflow train-jax -- "
                            f"--experiment {name}")
-    return found
+    groups: dict[str, dict[str, Path]] = {}  # configuration -> backend -> its newest run
+    for backend_name, found in candidates.items():
+        for run_dir in found:  # oldest first, so the newest of a configuration stays
+            groups.setdefault(_configuration(run_dir), {})[backend_name] = run_dir
+    chosen_key = max(groups, key=lambda k: (len(groups[k]), max(p.name for p in groups[k].values())))
+    chosen = groups[chosen_key]
+    reference = next(iter(chosen.values()))
+    left_out = []
+    for backend_name, found in candidates.items():
+        newest_kept = chosen.get(backend_name)
+        for run_dir in found:
+            if newest_kept is not None and run_dir.name <= newest_kept.name:
+                continue
+            how = _how_it_differs(reference, run_dir) or "same settings"
+            left_out.append(f"left out {backend_name} {run_dir.name} ({how}): compared the newest "
+                            "runs that share one configuration")
+    return [chosen[b] for b in backend.BACKENDS if b in chosen], left_out
+
+
+def _configuration(run_dir: Path) -> str:
+    """What must match for two runs to be compared: settings (paths by place) and device."""
+    experiment = runs.read_json(run_dir / "config.json")["experiment"]
+    settings = {k: config.same_place(k, v) for k, v in config.settings(experiment).items()}
+    device = device_label(read_metrics(run_dir / "metrics.json"))
+    return json.dumps([settings, device], sort_keys=True, default=str)
+
+
+def _how_it_differs(reference: Path, other: Path) -> str:
+    """"train.epochs: 8 vs 1; device: cpu (...) vs NVIDIA L4" (empty when the same)."""
+    a = runs.read_json(reference / "config.json")["experiment"]
+    b = runs.read_json(other / "config.json")["experiment"]
+    parts = [f"{key}: {left!r} vs {right!r}" for key, left, right in config.differences(a, b)]
+    devices = [device_label(read_metrics(p / "metrics.json")) for p in (reference, other)]
+    if devices[0] != devices[1]:
+        parts.append(f"device: {devices[0]} vs {devices[1]}")
+    return "; ".join(parts)
 
 
 def load_runs(run_dirs: Sequence[str | Path], allow_mixed: bool = False) -> tuple[list[Run], list[str]]:
@@ -183,8 +236,9 @@ def accuracy_spread(run_list: Sequence[Run]) -> dict[str, Any]:
     Noise: an accuracy p measured on n images has binomial standard error sqrt(p(1-p)/n); the
     difference of two such accuracies has sqrt(2) times that. The spread is "within noise" when it
     is at most NOISE_STANDARD_ERRORS of those. p is the mean accuracy, kept 1/(2n) away from 0 and 1
-    so a perfect score does not claim zero noise. This covers which images are in the validation
-    set only; seed-to-seed training variation is not measured by one run per backend.
+    so a perfect score does not claim zero noise. See NOISE_CAVEAT for what this is not: the runs
+    are scored on the same images (a paired test would need per-image predictions), and
+    seed-to-seed training variation is not measured by one run per backend.
     """
     accuracies = {r.label: r.metrics["val_accuracy"] for r in run_list}
     n = min(r.metrics["num_val"] for r in run_list)
@@ -201,12 +255,13 @@ def accuracy_spread(run_list: Sequence[Run]) -> dict[str, Any]:
         "highest": {"label": highest, "val_accuracy": accuracies[highest]},
         "spread": spread,
         "spread_images": round(spread * n),
+        "noise_p": p,
         "standard_error": standard_error,
         "noise_threshold": noise,
         "within_noise": spread <= noise + 1e-12,
         "method": (f"spread <= {NOISE_STANDARD_ERRORS} x sqrt(2) x sqrt(p(1-p)/n), p = mean val "
-                   "accuracy, n = num_val: the binomial sampling noise of a difference of two "
-                   "accuracies; seed-to-seed training variation is not included"),
+                   "accuracy, n = num_val: two binomial standard errors of a difference of two "
+                   "independent accuracies. " + NOISE_CAVEAT),
     }
 
 
@@ -221,8 +276,7 @@ def write_report(comparison: dict[str, Any], run_list: Sequence[Run], out_root: 
     """
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / comparison["experiment"]
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out_root))
-    staging.chmod(0o755)  # mkdtemp makes it private; a report is for everyone to read
+    staging = runs.make_public_dir(out_root, f".{final.name}-")
     try:
         charts = _write_charts(comparison, run_list, staging)
         comparison["charts"] = charts
@@ -343,13 +397,28 @@ def render_table(comparison: dict[str, Any]) -> str:
 
 
 def _mixed(loaded: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    reasons = []
-    for key, what in (("config_hash", "config hashes"), ("device", "devices")):
-        values = {m["backend"] + " " + m["run_id"]: (m[key] if key != "device" else device_label(m))
-                  for _, m in loaded}
-        if len(set(values.values())) > 1:
-            reasons.append(f"different {what} ({', '.join(f'{k}: {v}' for k, v in values.items())})")
+    """How the runs differ: each differing setting, and the device, with the runs that have each value."""
+    names = [f"{m['backend']} {m['run_id']}" for _, m in loaded]
+    experiments = [runs.read_json(p / "config.json")["experiment"] for p, _ in loaded]
+    flat = [config.settings(e) for e in experiments]
+    differing = {key for e in experiments[1:] for key, _, _ in config.differences(experiments[0], e)}
+    reasons = [f"different settings ({key}: "
+               + _grouped([(n, repr(f[key]), config.same_place(key, f[key]))
+                           for n, f in zip(names, flat, strict=True)]) + ")"
+               for key in flat[0] if key in differing]
+    devices = [device_label(m) for _, m in loaded]
+    if len(set(devices)) > 1:
+        reasons.append("different devices ("
+                       + _grouped([(n, d, d) for n, d in zip(names, devices, strict=True)]) + ")")
     return reasons
+
+
+def _grouped(values: list[tuple[str, str, Any]]) -> str:
+    """[(run, value as shown, value compared)] -> "8 (torch 2026..., tensorflow 2026...) vs 1 (jax ...)"."""
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for run, shown, compared in values:
+        groups.setdefault(json.dumps(compared, default=str), (shown, []))[1].append(run)
+    return " vs ".join(f"{shown} ({', '.join(runs_with)})" for shown, runs_with in groups.values())
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -385,6 +454,7 @@ def _table_row(row: Row, run_list: Sequence[Run]) -> dict[str, Any]:
     return {
         "key": row.key,
         "label": row.label,
+        "note": row.note,
         "title": row.title,
         "unit": row.unit,
         "better": row.better,
@@ -431,18 +501,25 @@ def _what_differs(comparison: dict[str, Any]) -> list[str]:
             f"**Accuracy**: val accuracy ranges from {spread['lowest']['val_accuracy']:.4f} "
             f"({spread['lowest']['label']}) to {spread['highest']['val_accuracy']:.4f} "
             f"({spread['highest']['label']}), a spread of {spread['spread']:.4f} "
-            f"({spread['spread_images']} of {n} images). Noise = {NOISE_STANDARD_ERRORS} standard "
-            f"errors of a difference of two accuracies on {n} images = "
-            f"{spread['noise_threshold']:.4f} (binomial, sqrt(2)·sqrt(p(1−p)/n), p = mean "
-            f"accuracy): {verdict}. Seed-to-seed training variation is not in that figure (one "
-            "run per backend), and Keras initialises the weights differently under each backend "
-            "even with the same seed, so part of any spread is the starting point."
+            f"({spread['spread_images']} of {n} images). Noise = {NOISE_STANDARD_ERRORS} "
+            f"binomial standard errors of a difference of two independent accuracies on {n} images "
+            f"= {NOISE_STANDARD_ERRORS}·√2·√(p(1−p)/n) with p = {spread['noise_p']:.4f} (mean "
+            f"accuracy) = {spread['noise_threshold']:.4f}: {verdict}. " + NOISE_CAVEAT
         )
         for key in ("val_loss", "train_images_per_s", "first_epoch_s", "latency_ms.batch1_p50",
                     "latency_ms.batch32_p50", "peak_host_rss_mb", "peak_device_mem_mb"):
             sentence = _ranking(rows[key])
             if sentence:
                 lines.append(sentence)
+    present = {c["backend"] for c in comparison["columns"]}
+    missing = [b for b in backend.BACKENDS if b not in present]
+    if missing:
+        lines.append(f"**Missing backends**: {', '.join(missing)} — no run of "
+                     f"{'them' if len(missing) > 1 else 'it'} in this comparison, so nothing here "
+                     f"compares against {' or '.join(missing)}. Train "
+                     + ("them" if len(missing) > 1 else "it")
+                     + f" (`flowers train -e {comparison['experiment']} --backend NAME`) and compare "
+                     "again.")
     classes = {c["num_classes"] for c in comparison["columns"]}
     if max(classes) <= 5:
         lines.append(f"Top-5 accuracy is 1 by construction with {max(classes)} classes.")
@@ -534,7 +611,8 @@ def _write_charts(comparison: dict[str, Any], run_list: Sequence[Run], folder: P
         ax.set_ylim(0, max(heights) * 1.18 or 1)
         ax.set_ylabel(row["unit"] or row["label"])
         better = "lower is better" if row["better"] == "lower" else "higher is better"
-        ax.set_title(f"{row['label']} ({better})\n{subtitle}", fontsize=10)
+        label = row["label"] + (f", {row['note']}" if row.get("note") else "")
+        ax.set_title(f"{label} ({better})\n{subtitle}", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
         name = f"chart_{row['key'].replace('.', '_')}.png"
         fig.savefig(folder / name)

@@ -16,6 +16,7 @@ def _no_runs(root):
     (["-e", "smoke", "--set", "train.batch_size=0"], "train.batch_size=0: must be >= 1"),
     (["-e", "smoke", "--set", "train.learning_rate=0"], "must be > 0"),
     (["-e", "smoke", "--set", "train.epochs=-1"], "train.epochs=-1: must be >= 1"),
+    (["-e", "smoke", "--set", "train.seed=-1"], "train.seed=-1: must be in 0..4294967295"),
     (["-e", "smoke", "--set", "data.image_size=8"], "must be >= 32"),
     (["-e", "smoke", "--set", "data.val_fraction=1"], "must be in (0, 1)"),
     (["-e", "smoke", "--backend", "mxnet"], "unknown backend 'mxnet'; choose one of torch"),
@@ -100,3 +101,20 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_evaluate_rejects_bad_run_dirs(tmp_path, make, message):
     error = one_line_error(flowers("evaluate", str(make(tmp_path))))
     assert message in error
+
+
+@pytest.mark.parametrize("args", [
+    ["compare", "-e", "smokee"],
+    ["exports", "list", "-e", "smokee"],
+])
+def test_a_mistyped_experiment_is_unknown_not_empty(tmp_path, args):
+    """`compare -e smokee` once suggested training smokee; `exports list -e smokee` exited 0."""
+    where = ["--runs-dir", str(tmp_path)] if args[0] == "compare" else ["--out", str(tmp_path)]
+    error = one_line_error(flowers(*args, *where))
+    assert "unknown experiment 'smokee'; available: baseline" in error and "smoke" in error
+
+
+def test_evaluate_help_names_one_default():
+    help_text = " ".join(flowers("evaluate", "--help").stdout.split())
+    assert "default: the backend that trained the run" in help_text
+    assert "$KERAS_BACKEND" not in help_text

@@ -164,15 +164,21 @@ def test_explicit_run_dirs_keep_their_order(smoke_runs, tmp_path):
 def test_mixed_configs_are_refused_unless_allowed(smoke_runs, tmp_path):
     other = _fake_run(tmp_path, smoke_runs["jax"], "jax-other",
                       lambda m: m.update(config_hash="0123456789ab"))
+    settings = read_json(other / "config.json")
+    settings["experiment"]["train"]["epochs"] = 1
+    (other / "config.json").write_text(json.dumps(settings))
     args = ["compare", str(smoke_runs["torch"]), str(other), "--out", str(tmp_path / "out")]
     error = one_line_error(flowers(*args))
-    assert "runs are not comparable: different config hashes" in error and "--allow-mixed" in error
+    torch_id = read_json(smoke_runs["torch"] / "metrics.json")["run_id"]
+    jax_id = read_json(other / "metrics.json")["run_id"]
+    assert (f"runs are not comparable: different settings (train.epochs: 2 (torch {torch_id}) vs "
+            f"1 (jax {jax_id}))") in error and "--allow-mixed" in error
     assert not (tmp_path / "out").exists()
 
     result = flowers(*args, "--allow-mixed")
     assert result.returncode == 0, result.stderr[-3000:]
     md = (tmp_path / "out" / "smoke" / "comparison.md").read_text()
-    assert "**MIXED RUNS (--allow-mixed)**: different config hashes" in md
+    assert "**MIXED RUNS (--allow-mixed)**: different settings (train.epochs: 2" in md
     assert "| **config hash (mixed)** |" in md and "0123456789ab" in md
     assert read_json(tmp_path / "out" / "smoke" / "comparison.json")["mixed"]
 
@@ -218,3 +224,128 @@ def test_a_failed_write_keeps_the_previous_report(smoke_runs, tmp_path, monkeypa
         report.compare([smoke_runs["tensorflow"], smoke_runs["jax"]], tmp_path)
     assert _report_files(tmp_path) == ["smoke", *(f"smoke/{n}" for n in before)]
     assert {name: (first / name).read_bytes() for name in before} == before
+
+
+# --- Generated run directories: the choice of runs and the report's wording, in a second each ---
+
+def _generated_run(root, backend, run_id, overrides=(), device="cpu", val_accuracy=0.5):
+    """A complete run directory with a metrics.json of the real schema (nothing trained)."""
+    from flowers import config, runs
+    from flowers.metrics import build_metrics
+
+    experiment = config.load_experiment("smoke", overrides)
+    run = root / "smoke" / backend / run_id
+    run.mkdir(parents=True)
+    runs.write_json(run / "config.json", {"run_id": run_id, "backend": backend,
+                                          "experiment": experiment.to_dict()})
+    epochs = experiment.train.epochs
+    values = {
+        "experiment": "smoke", "backend": backend, "backend_version": "1.0", "keras_version": "3",
+        "tensorflow_version": "2", "python_version": "3.11", "device": device,
+        "host": {"cpu_model": "Test CPU", "cpu_count": 2, "ram_gb": 8.0, "platform": "test"},
+        "config_hash": experiment.config_hash(), "run_id": run_id, "created": "2026-01-01T00:00:00",
+        "resumed": False, "num_train": 128, "num_val": 64, "num_classes": 4, "skipped_files": 0,
+        "data_cached": True, "data_format": "channels_last", "jit_compile": False,
+        "dtype_policy": "float32", "epochs": epochs, "feature_extraction_s": None,
+        "train_time_s": 10.0, "epoch_times_s": [5.0] + [1.0] * (epochs - 1), "first_epoch_s": 5.0,
+        "warmup_epochs": [0], "train_images_per_s": 128.0 if epochs > 1 else None,
+        "peak_host_rss_mb": 900.0, "peak_device_mem_mb": None, "eval_time_s": 0.5,
+        "latency_ms": {"batch1_p50": 20.0, "batch1_p95": 25.0, "batch32_p50": 200.0,
+                       "batch32_p95": 210.0},
+        "val_loss": 1.0, "val_accuracy": val_accuracy, "val_top5_accuracy": 1.0,
+    }
+    reasons = {"peak_device_mem_mb": "no framework allocator on CPU",
+               "feature_extraction_s": "train.cache_features is off"}
+    if epochs == 1:
+        reasons["train_images_per_s"] = "needs at least 2 epochs"
+    runs.write_json(run / "metrics.json", build_metrics(values, reasons))
+    (run / "history.csv").write_text("epoch,val_accuracy,val_loss\n"
+                                     + "".join(f"{e},{val_accuracy},1.0\n" for e in range(epochs)))
+    (run / "model.keras").write_bytes(b"")
+    return run
+
+
+def test_compare_prefers_the_newest_runs_that_share_one_configuration(tmp_path):
+    """One quick --set run under torch must not block the comparison of the full matrix."""
+    from flowers import report
+
+    matrix = {b: _generated_run(tmp_path, b, f"20260101-00000{i}-aaaa")
+              for i, b in enumerate(BACKENDS)}
+    quick = _generated_run(tmp_path, "torch", "20260102-000000-bbbb", ["train.epochs=1"])
+    chosen, left_out = report.newest_runs(tmp_path, "smoke")
+    assert chosen == [matrix[b] for b in BACKENDS]
+    assert left_out == [f"left out torch {quick.name} (train.epochs: 2 vs 1): compared the newest "
+                        "runs that share one configuration"]
+
+    # the CLI prints the same line before the table, and the report folder is readable by all
+    out = tmp_path / "reports"
+    result = flowers("compare", "-e", "smoke", "--runs-dir", str(tmp_path), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == left_out[0]
+    assert result.stdout.strip().splitlines()[-1] == str(out / "smoke" / "comparison.md")
+    assert (out / "smoke").stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+    # a newer full matrix of the quick configuration wins: most backends first, then the newest
+    newer = {b: _generated_run(tmp_path, b, f"20260103-00000{i}-cccc", ["train.epochs=1"])
+             for i, b in enumerate(BACKENDS)}
+    chosen, left_out = report.newest_runs(tmp_path, "smoke")
+    assert chosen == [newer[b] for b in BACKENDS] and left_out == []
+
+
+def test_runs_on_another_device_are_not_mixed_in(tmp_path):
+    from flowers import report
+
+    cpu = {b: _generated_run(tmp_path, b, f"20260101-00000{i}-aaaa") for i, b in enumerate(BACKENDS)}
+    gpu = _generated_run(tmp_path, "jax", "20260102-000000-dddd", device="NVIDIA L4")
+    chosen, left_out = report.newest_runs(tmp_path, "smoke")
+    assert chosen == [cpu[b] for b in BACKENDS]
+    assert left_out == [f"left out jax {gpu.name} (device: cpu (Test CPU, 2 logical cores) vs "
+                        "NVIDIA L4): compared the newest runs that share one configuration"]
+
+
+def test_a_single_run_comparison_names_the_missing_backends(tmp_path):
+    from flowers import report
+
+    run = _generated_run(tmp_path, "torch", "20260101-000000-aaaa")
+    _, comparison = report.compare([run], tmp_path / "reports")
+    md = (tmp_path / "reports" / "smoke" / "comparison.md").read_text()
+    assert "**Missing backends**: tensorflow, jax — no run of them in this comparison" in md
+    assert comparison["what_differs"][0].startswith("**Missing backends**")
+
+
+def test_throughput_says_it_excludes_the_first_epoch(tmp_path):
+    from flowers import report
+
+    runs_ = [_generated_run(tmp_path, b, f"20260101-00000{i}-aaaa") for i, b in enumerate(BACKENDS)]
+    _, comparison = report.compare(runs_, tmp_path / "reports")
+    row = next(r for r in comparison["rows"] if r["key"] == "train_images_per_s")
+    assert row["title"] == "train throughput, first epoch excluded (img/s)"
+    assert row["note"] == "first epoch excluded"  # also the chart's title (_write_charts)
+    md = (tmp_path / "reports" / "smoke" / "comparison.md").read_text()
+    assert "| train throughput, first epoch excluded (img/s) ↑ |" in md
+
+
+def test_noise_text_gives_the_formula_its_value_uses_and_what_it_is_not(tmp_path):
+    from flowers import report
+
+    accuracies = {"torch": 0.5, "tensorflow": 0.5625, "jax": 0.625}
+    runs_ = [_generated_run(tmp_path, b, f"20260101-00000{i}-aaaa", val_accuracy=accuracies[b])
+             for i, b in enumerate(BACKENDS)]
+    _, comparison = report.compare(runs_, tmp_path / "reports")
+    spread = comparison["accuracy_spread"]
+    p, n = spread["noise_p"], 64
+    assert p == pytest.approx(0.5625)
+    assert spread["noise_threshold"] == pytest.approx(2 * 2 ** 0.5 * (p * (1 - p) / n) ** 0.5)
+    accuracy_line = comparison["what_differs"][0]
+    assert "= 2·√2·√(p(1−p)/n) with p = 0.5625 (mean accuracy) = " \
+        f"{spread['noise_threshold']:.4f}" in accuracy_line
+    assert "not a significance test" in accuracy_line and "same images" in accuracy_line
+    assert "McNemar" in spread["method"]
+
+
+def _umask():
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
