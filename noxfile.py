@@ -27,9 +27,8 @@ nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
 
 BACKENDS = ("torch", "tensorflow", "jax")
-TENSORFLOW_GPU = "tensorflow[and-cuda]==2.21.0"
-# Installed on top of the backend's extra when a GPU is used.
-GPU_PACKAGES = {"torch": [], "tensorflow": [TENSORFLOW_GPU], "jax": ["jax[cuda12]==0.10.2"]}
+# The pyproject extra of each backend's GPU build (torch's default PyPI wheel is a CUDA build).
+GPU_EXTRAS = {"torch": "torch", "tensorflow": "tensorflow-gpu", "jax": "jax-gpu"}
 
 
 def has_nvidia_gpu() -> bool:
@@ -55,10 +54,8 @@ def install_backend(session: nox.Session, backend: str, gpu: bool, extras: str =
     # tensorflow and tensorflow-cpu install the same module: never leave both in a reused venv.
     other_tf = "tensorflow-cpu" if tensorflow_gpu else "tensorflow"
     session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", other_tf, silent=True)
-    # The backend extras bring tensorflow-cpu, so TensorFlow on a GPU is installed without them.
-    extra_list = ",".join(e for e in ("" if tensorflow_gpu else backend, extras) if e)
-    target = f".[{extra_list}]" if extra_list else "."
-    session.install("-e", target, *(GPU_PACKAGES[backend] if gpu else []))
+    extra_list = ",".join(e for e in (GPU_EXTRAS[backend] if gpu else backend, extras) if e)
+    session.install("-e", f".[{extra_list}]")
     session.log(f"{backend}: {'CUDA' if gpu else 'CPU'} builds installed")
 
 
@@ -115,7 +112,7 @@ def parity(session: nox.Session) -> None:
     gpu, args = split_device_args(list(session.posargs))
     # On a GPU, torch's default wheel and jax[cuda12] use it; TensorFlow stays the CPU build the
     # torch and jax extras bring (parity.json records each backend's device).
-    session.install("-e", ".[torch,jax]", *(GPU_PACKAGES["jax"] if gpu else []))
+    session.install("-e", f".[torch,{GPU_EXTRAS['jax'] if gpu else 'jax'}]")
     session.run("flowers", "parity", *args)
 
 
@@ -126,7 +123,7 @@ def bench(session: nox.Session) -> None:
     # One environment holds all three backends so one invocation interleaves them. On a GPU torch's
     # default wheel and jax[cuda12] use it; TensorFlow stays the CPU build (bench.json and bench.md
     # record each backend's device).
-    session.install("-e", ".[torch,jax]", *(GPU_PACKAGES["jax"] if gpu else []))
+    session.install("-e", f".[torch,{GPU_EXTRAS['jax'] if gpu else 'jax'}]")
     session.run("flowers", "bench", *args)
 
 

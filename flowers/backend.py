@@ -250,6 +250,32 @@ def nvidia_gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+# How to get a GPU-capable build of each framework (the extras are in pyproject.toml).
+GPU_INSTALL = {
+    # a +cpu wheel satisfies torch==2.13.0, so a plain install would keep it
+    "torch": "pip install --force-reinstall torch==2.13.0 (PyPI's Linux wheel is the CUDA "
+             "build; do not use the download.pytorch.org/whl/cpu index)",
+    "tensorflow": "pip uninstall tensorflow-cpu && pip install -e '.[tensorflow-gpu]'",
+    "jax": "pip install -e '.[jax-gpu]'",
+}
+
+
+def gpu_warning(name: str) -> str | None:
+    """One line when nvidia-smi sees a GPU that the installed build of `name` cannot use, else None.
+
+    Training would silently run on the CPU (e.g. `.[tensorflow]` installs tensorflow-cpu). Asks the
+    framework itself, so a CUDA build that cannot load its libraries is caught too. Call it after
+    select(); it imports the backend's framework.
+    """
+    gpus = nvidia_gpus()
+    if not gpus or device(name) != "cpu":
+        return None
+    build = next((f"{dist} {version}" for dist in _DISTRIBUTIONS[name]
+                  if (version := _dist_version(dist))), name)
+    return (f"an NVIDIA GPU is visible ({gpus[0]}) but the installed {name} build ({build}) cannot "
+            f"use it, so {name} trains on the CPU; for the GPU: {GPU_INSTALL[name]}")
+
+
 def _dist_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)

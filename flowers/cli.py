@@ -93,6 +93,9 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     if resume:  # checked before select() imports the frameworks: a refusal takes a second
         resume_dir, exp = runs.resume_settings(root, exp.name, name, overrides)
     backend.select(name)
+    gpu_warning = backend.gpu_warning(name)
+    if gpu_warning:
+        click.echo(f"warning: {gpu_warning}", err=True)
     from flowers.train import train as run_training
 
     run_dir = run_training(exp, name, root, resume_dir=resume_dir)
