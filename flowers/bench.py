@@ -314,13 +314,13 @@ def markdown(results: dict[str, Any]) -> str:
             ("end-to-end s, train.cache_features (val acc)",
              [f"{e[n]['cache']['wall_s']:.1f} ({e[n]['cache']['val_accuracy']:.3f})" for n in names]),
             ("feature-cache speed-up", [f"{e[n]['speedup']:.1f}×" for n in names]),
-            ("peak host RSS MB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
-            ("peak device memory MB", [num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
+            ("peak host RSS MiB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
+            ("peak device memory MiB", [num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
         ]
     peak = results["peak"]
     lines = [
         f"# flowers bench — {results['device']} ({results['host']['cpu_model']}, "
-        f"{results['host']['cpu_count']} cores)",
+        f"{results['host']['cpu_count']} logical cores)",
         "",
         f"{results['created']} · image {s['image_size']} px · batch {s['batch_size']} · "
         f"{s['steps']} timed calls per figure over {s['rounds']} interleaved rounds after "

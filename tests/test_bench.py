@@ -76,7 +76,7 @@ def test_bench_markdown_has_every_figure(tiny_bench):
     _, text = tiny_bench
     for row in ("forward img/s, batch 1", "fit img/s, tf.data pipeline", "keras / native",
                 "forward GFLOP/s (share of FP32 peak)", "feature-cache speed-up", "## Targets",
-                "peak host RSS MB"):
+                "peak host RSS MiB"):
         assert row in text
 
 
@@ -164,3 +164,56 @@ def test_feature_cache_training_matches_standard_training(tmp_path):
     assert runs["true"]["feature_extraction_s"] > 0
     assert runs["false"]["feature_extraction_s"] is None
     assert runs["false"]["null_reasons"]["feature_extraction_s"] == "train.cache_features is off"
+
+
+@pytest.mark.parametrize("name, key, tflops", [
+    # names exactly as nvidia-smi --query-gpu=name prints them
+    ("NVIDIA L4", "L4", 30.3),
+    ("NVIDIA L40", "L40", 90.5),
+    ("NVIDIA L40S", "L40S", 91.6),
+    ("NVIDIA H100 NVL", "H100 NVL", 60.0),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 51.0),
+    ("NVIDIA H100 80GB HBM3", "H100 80GB HBM3", 67.0),
+    ("NVIDIA A100-SXM4-80GB", "A100", 19.5),
+    ("NVIDIA A10", "A10", 31.2),
+    ("Tesla V100-SXM2-16GB", "V100 SXM2", 15.7),
+    ("NVIDIA H200", "H200", 67.0),
+])
+def test_gpu_peak_matches_whole_words_longest_first(name, key, tflops):
+    """Substring matching once gave the L40 the L4's figure and the H100 NVL the PCIe one."""
+    from flowers import hardware
+
+    peak = hardware.gpu_peak(name)
+    assert peak["fp32_gflops"] == tflops * 1000
+    assert f"figure for {key}: {tflops} TFLOP/s" in peak["method"]
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA B200", "NVIDIA L"])
+def test_an_unknown_gpu_gets_no_peak_rather_than_a_neighbours(name):
+    from flowers import hardware
+
+    peak = hardware.gpu_peak(name)
+    assert peak["fp32_gflops"] is None and name in peak["method"]
+
+
+def test_cpu_peak_counts_physical_cores_and_says_when_fma_units_are_assumed(monkeypatch):
+    import psutil
+
+    from flowers import hardware
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
+    monkeypatch.setattr(hardware, "_max_clock_mhz", lambda info: (2000.0, "test clock"))
+    intel_avx512 = {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "106",
+                    "flags": "fma avx avx2 avx512f"}
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: intel_avx512)
+    peak = hardware.cpu_peak()
+    # 8 physical cores (not 16 hyper-threads) x 2 GHz x 64 FLOP/cycle
+    assert peak["fp32_gflops"] == 8 * 2.0 * 64
+    assert peak["method"].startswith("8 physical cores x 2000 MHz")
+    assert peak["fma_units_assumed"] is True and "ASSUMED" in peak["method"]
+
+    zen3 = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "1", "flags": "fma avx avx2"}
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: zen3)
+    peak = hardware.cpu_peak()
+    assert peak["fp32_gflops"] == 8 * 2.0 * 32
+    assert peak["fma_units_assumed"] is False and "ASSUMED" not in peak["method"]
