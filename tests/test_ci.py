@@ -1,0 +1,27 @@
+"""The README's first two lines work on a fresh machine, and .ci/run runs its test line literally."""
+
+import subprocess
+
+from conftest import PROJECT_ROOT
+
+
+def _first_bash_block() -> list[str]:
+    lines = (PROJECT_ROOT / "README.md").read_text().splitlines()
+    start = lines.index("```bash")
+    return lines[start + 1:lines.index("```", start)]
+
+
+def test_readme_opens_with_the_main_job_and_the_tests_each_bootstrapping_nox():
+    main_job, tests = _first_bash_block()
+    for line in (main_job, tests):
+        # only Python 3.11+ is needed: nox comes from a venv the line makes itself
+        assert line.startswith("python3 -m venv .venv && .venv/bin/pip install nox && .venv/bin/nox -s ")
+    assert ".venv/bin/nox -s train-torch train-tensorflow" in main_job
+    assert tests.split("#")[0].rstrip().endswith(".venv/bin/nox -s tests")
+    assert "# the test suite" in tests
+
+
+def test_ci_runs_the_readmes_test_line_literally():
+    printed = subprocess.run(["bash", str(PROJECT_ROOT / ".ci" / "run"), "--print-test-command"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    assert printed == _first_bash_block()[1].split("#")[0].rstrip()
