@@ -66,7 +66,10 @@ class Worker:
             pass
         self.images, self.labels = (np.array(t) for t in next(iter(splits.train)))
         self.models: dict[str, Any] = {}
+        # self.model trains (it returns logits); the forward figures time what users run, the
+        # probability-returning model, which shares its weights.
         self.model = self.models[""] = self._build("")
+        self.predictor = _predictor(self.model)
         self.natives: dict[str, Any] = {}
         self.native_differences: dict[str, float] | None = None
         self.warmed: set[str] = set()
@@ -101,11 +104,11 @@ class Worker:
         return result
 
     def _task(self, task: str) -> tuple[Callable[[int], list[float]], int]:
-        batch, model = self.batch_size, self.model
+        batch, model, predictor = self.batch_size, self.model, self.predictor
         if task == "forward_b1":
-            return _repeat(lambda: model.predict_on_batch(self.images[:1])), 1
+            return _repeat(lambda: predictor.predict_on_batch(self.images[:1])), 1
         if task == "forward_batch":
-            return _repeat(lambda: model.predict_on_batch(self.images)), batch
+            return _repeat(lambda: predictor.predict_on_batch(self.images)), batch
         if task == "train_step":
             # one step per call on backend tensors already in memory: what native code times
             x = self.keras.ops.convert_to_tensor(self.images)
@@ -116,7 +119,9 @@ class Worker:
         if task == "train_tfdata":
             return lambda steps: self._fit_steps(steps, in_memory=False), batch
         if task.startswith("variant:"):
-            variant = self.models.get(task) or self.models.setdefault(task, self._build(task[8:]))
+            if task not in self.models:  # built once: a new model object would be traced again
+                self.models[task] = _predictor(self._build(task[8:]))
+            variant = self.models[task]
             return _repeat(lambda: variant.predict_on_batch(self.images)), batch
         if task in ("native_forward", "native_train"):
             native = self._native()
@@ -178,6 +183,19 @@ class Worker:
             self.native_differences = native.differences(self.model, self.natives["native"],
                                                          self.images)
         return self.natives["native"]
+
+
+def _predictor(model):
+    """with_probabilities(model), predicting with the jit_compile setting `model` was compiled with.
+
+    The wrapper is a new, uncompiled keras.Model, which would otherwise take the backend's "auto"
+    default and lose a train.jit_compile variant.
+    """
+    from flowers.model import with_probabilities
+
+    predictor = with_probabilities(model)
+    predictor.jit_compile = model.jit_compile
+    return predictor
 
 
 def model_gflops(model) -> float:

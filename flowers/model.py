@@ -2,6 +2,13 @@
 
 build_model() puts ResNet50's preprocess_input INSIDE the model, so every saved or exported model
 takes plain RGB images (0..255) and nobody has to remember the caffe-style BGR/mean-subtraction step.
+
+The model trains on logits: Keras computes sparse categorical cross-entropy from probabilities
+differently per backend (exact from the softmax's logits under tensorflow, from probabilities clipped
+to [1e-7, 1 - 1e-7] under torch and jax, where a confidently wrong image gets no gradient), while
+from_logits=True is the same stable log-softmax everywhere. What users get -- model.keras, every
+export, predict -- returns probabilities: with_probabilities() is the one place that appends the
+softmax, and logits_model() the one place that takes it off again (evaluation).
 Import this module only after flowers.backend.select(): it imports keras.
 """
 
@@ -20,6 +27,8 @@ from flowers.errors import FlowersError
 
 # Extra member stored inside model.keras (keras ignores unknown zip members when loading).
 CLASS_NAMES_MEMBER = "flowers_class_names.json"
+LOGITS_LAYER = "logits"
+PROBABILITIES_LAYER = "probabilities"
 
 
 @keras.saving.register_keras_serializable(package="flowers")
@@ -33,16 +42,17 @@ class ResNet50Preprocess(keras.layers.Layer):
 
 
 def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
-    """Build the classifier: preprocessing -> ResNet50 -> GAP -> Dense relu -> Dropout -> softmax.
+    """Build the classifier: preprocessing -> ResNet50 -> GAP -> Dense relu -> Dropout -> logits.
 
     Args:
         config: the [model] section (weights, freeze_backbone, head_units, dropout).
         image_size: side of the square RGB input.
-        num_classes: size of the softmax output.
+        num_classes: number of classes (logits per image).
 
     Returns:
         An uncompiled keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
-        and returning class probabilities [N, num_classes].
+        and returning class logits [N, num_classes] (float32); with_probabilities() turns it into
+        the probability-returning model that is saved and exported.
 
     Raises:
         FlowersError: fewer than 2 classes, ImageNet weights unavailable, or an unusable weights file.
@@ -66,10 +76,59 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
     x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
     x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
-    # float32 probabilities even under a mixed-precision policy (keras mixed-precision guide)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                                 name="probabilities")(x)
+    # float32 logits even under a mixed-precision policy, so the loss is computed in float32
+    # (keras mixed-precision guide)
+    outputs = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name="flowers_resnet50")
+
+
+def with_probabilities(model: keras.Model) -> keras.Model:
+    """The probability-returning model: `model` (logits) plus a float32 Softmax named "probabilities".
+
+    The layers, and so the weights, are shared with `model`. A model that already ends in a softmax
+    (this function's output, or an older run's model.keras whose last Dense has the softmax inside)
+    is returned unchanged.
+    """
+    if _softmax_output(model) is not None:
+        return model
+    outputs = keras.layers.Softmax(name=PROBABILITIES_LAYER, dtype="float32")(model.output)
+    return keras.Model(model.input, outputs, name=model.name)
+
+
+def logits_model(model: keras.Model) -> keras.Model:
+    """The logits of a classifier that returns probabilities (the inverse of with_probabilities).
+
+    Evaluating through the logits with from_logits=True computes the cross-entropy of the
+    probabilities exactly and identically on every backend. Handles both a final Softmax layer
+    and an older run's Dense(activation="softmax"), whose logits come from a linear twin of that
+    Dense with the same weights. A model that already returns logits is returned unchanged.
+
+    Raises:
+        FlowersError: the model ends in neither a Dense nor a Softmax layer.
+    """
+    last = _softmax_output(model)
+    if last is None:
+        if not isinstance(model.layers[-1], keras.layers.Dense):
+            raise FlowersError(f"model {model.name!r} ends in {type(model.layers[-1]).__name__}, not "
+                               "a Dense or Softmax layer: not a flowers classifier")
+        return model
+    if isinstance(last, keras.layers.Softmax):
+        outputs = last.input
+    else:
+        linear = keras.layers.Dense(last.units, dtype="float32", name=LOGITS_LAYER)
+        outputs = linear(last.input)
+        linear.set_weights(last.get_weights())
+    return keras.Model(model.input, outputs, name=model.name)
+
+
+def _softmax_output(model: keras.Model) -> keras.layers.Layer | None:
+    """The model's last layer when it applies the softmax (a Softmax, or a Dense with softmax)."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return last
+    if isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax:
+        return last
+    return None
 
 
 def resolve_data_format(data_format: str) -> str:
@@ -101,10 +160,10 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 
 def head(model: keras.Model) -> keras.Model:
-    """Pooled features -> probabilities, sharing the head layers (and weights) of `model`."""
+    """Pooled features -> logits, sharing the head layers (and weights) of `model` (from build_model)."""
     features = keras.Input(shape=model.get_layer("avg_pool").output.shape[1:], name="features")
     x = features
-    for name in ("head_dense", "head_dropout", "probabilities"):
+    for name in ("head_dense", "head_dropout", LOGITS_LAYER):
         x = model.get_layer(name)(x)
     return keras.Model(features, x, name="head")
 
@@ -126,8 +185,8 @@ def _resnet50(requested: str, weights: str | None, image_size: int, data_format:
 
 
 def save_model(model: keras.Model, path: Path, class_names: list[str]) -> None:
-    """Save model.keras with the class names stored inside the same file."""
-    model.save(path)
+    """Save model.keras, returning probabilities (see with_probabilities), with its class names inside."""
+    with_probabilities(model).save(path)
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr(CLASS_NAMES_MEMBER, json.dumps(class_names))
 
@@ -156,14 +215,16 @@ def load_model(path: Path) -> tuple[keras.Model, list[str]]:
 
 def compile_model(model: keras.Model, learning_rate: float, num_classes: int,
                   jit_compile: str = "auto") -> None:
-    """Adam + sparse categorical cross-entropy, with top-1 and top-5 accuracy.
+    """Adam + sparse categorical cross-entropy on logits, with top-1 and top-5 accuracy.
 
+    `model` returns logits (build_model, head, logits_model). The accuracy metrics read the logits
+    directly: they rank classes exactly as the probabilities do.
     jit_compile is train.jit_compile: "auto" (keras decides), "true" or "false".
     """
     model.compile(
         jit_compile={"auto": "auto", "true": True, "false": False}[jit_compile],
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),

@@ -3,7 +3,10 @@
 Both are the same network as flowers.model.build_model (Keras' ResNet50 v1: the stride sits in the
 first 1x1 convolution of a block, every convolution has a bias, BatchNorm epsilon 1.001e-5), take
 the same input (RGB 0..255, NHWC) and load their weights from the Keras model, so a benchmark
-ratio compares frameworks, not models. native_torch_matches() proves the equivalence numerically.
+ratio compares frameworks, not models. The Keras model is build_model's (it returns logits, with the
+last Dense named "logits"); forward() returns probabilities like with_probabilities(model) and
+train_step() takes the cross-entropy from the logits, as Keras trains it. differences() proves the
+equivalence numerically.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def torch_model(model, channels_last_memory: bool = False):
             self.backbone = Backbone()
             self.dense = dense("head_dense")
             self.dropout = nn.Dropout(float(model.get_layer("head_dropout").rate))
-            self.out = dense("probabilities")
+            self.out = dense("logits")
 
         def logits(self, images):
             with torch.no_grad():  # frozen backbone: no gradients flow into it
@@ -171,7 +174,7 @@ def tensorflow_native(model, learning_rate: float) -> NativeModel:
     weights = {layer: {k: tf.constant(v) for k, v in w.items()}
                for layer, w in keras_weights(model).items()}
     head = {name: {k: tf.Variable(v) for k, v in weights.pop(name).items()}
-            for name in ("head_dense", "probabilities")}
+            for name in ("head_dense", "logits")}
     dropout = float(model.get_layer("head_dropout").rate)
     mean = tf.constant(IMAGENET_BGR_MEAN, tf.float32)
 
@@ -200,7 +203,7 @@ def tensorflow_native(model, learning_rate: float) -> NativeModel:
         h = tf.nn.relu(features @ head["head_dense"]["kernel"] + head["head_dense"]["bias"])
         if training and dropout:
             h = tf.nn.dropout(h, dropout)
-        return h @ head["probabilities"]["kernel"] + head["probabilities"]["bias"]
+        return h @ head["logits"]["kernel"] + head["logits"]["bias"]
 
     variables = [v for layer in head.values() for v in layer.values()]
     moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
@@ -241,10 +244,10 @@ def differences(keras_model, native: NativeModel, images: np.ndarray) -> dict[st
     often saturated at 0/1, so features_max_rel (max |Δ| of the pooled backbone features divided
     by their largest magnitude) is reported too: it tests the 53 convolutions themselves.
     """
-    from flowers.model import feature_extractor
+    from flowers.model import feature_extractor, with_probabilities
 
     expected_features = np.asarray(feature_extractor(keras_model).predict_on_batch(images))
-    expected = np.asarray(keras_model.predict_on_batch(images), np.float32)
+    expected = np.asarray(with_probabilities(keras_model).predict_on_batch(images), np.float32)
     scale = float(np.max(np.abs(expected_features))) or 1.0
     return {
         "probabilities_max_abs": float(np.max(np.abs(expected - native.forward(images)))),

@@ -25,6 +25,7 @@ from flowers.model import (
     feature_extractor,
     head,
     load_model,
+    logits_model,
     portable,
     resolve_data_format,
     save_model,
@@ -212,6 +213,8 @@ def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:
     backend.hide_gpus_from_tensorflow(backend_name)
     splits = data.load(experiment.data, experiment.train.batch_size, experiment.train.seed)
     model, class_names = load_model(run_dir / "model.keras")
+    # Through the logits (from_logits=True): the probabilities' cross-entropy, the same on every backend.
+    model = logits_model(model)
     compile_model(model, experiment.train.learning_rate, len(class_names))
     start = time.perf_counter()
     scores = model.evaluate(splits.val, return_dict=True, verbose=0)

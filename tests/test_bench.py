@@ -99,7 +99,7 @@ def test_native_twin_is_the_same_network(backend, flowers12):
             cfg = config.load_experiment("smoke", ["model.data_format=" + fmt]).model
             model = build_model(cfg, 64, 12)
             # shrink the output layer so probabilities are not saturated at 0/1 (random weights)
-            layer = model.get_layer("probabilities")
+            layer = model.get_layer("logits")
             layer.set_weights([w * 1e-3 for w in layer.get_weights()])
             twin = getattr(native, "{backend}_native")(model, 1e-3)
             out[fmt] = native.differences(model, twin, images)
