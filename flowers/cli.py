@@ -167,14 +167,15 @@ def parity(backends: str, image_size: int, out: Path | None) -> None:
     """Same weights, same real photos under each backend: prediction and training drift.
 
     Writes OUT/parity.json (the comparison report embeds it) and exits non-zero when a target
-    (max |Δprob| <= 1e-4, top-1 agreement 100%) is missed.
+    (max |Δprob| <= 1e-4, top-1 agreement 100%, max |Δloss| <= 1e-4 over the training steps)
+    is missed.
     """
     from flowers import parity as parity_check
     from flowers import report
 
     names = parity_check.parse_backends(backends)
     parity_check.parity_experiment(image_size)  # bad --image-size fails before any process starts
-    result = parity_check.run_parity(names, image_size)
+    result = parity_check.run_parity(names, image_size, on_step=lambda line: click.echo(f"  {line}"))
     path = parity_check.write_parity(result, report.reports_root(out))
     click.echo(parity_check.describe(result))
     click.echo(parity_check.format_table(result))
