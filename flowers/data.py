@@ -325,6 +325,18 @@ def resize_image(image, image_size: int):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+def decode_and_resize(data: bytes, image_size: int) -> np.ndarray:
+    """An encoded image file's bytes -> uint8 [image_size, image_size, 3], as training sees it.
+
+    `flowers predict` and `flowers serve` both go through here, so a served photo gets the same
+    pixels as the same file given to predict.
+
+    Raises:
+        ValueError: not an image, an unsupported format, or a corrupt file.
+    """
+    return resize_image(decode_image_bytes(data), image_size).numpy()
+
+
 def load_image_files(paths: Sequence[str | Path], image_size: int) -> np.ndarray:
     """Images for prediction, decoded exactly as training decodes them: uint8 [N,S,S,3].
 
@@ -336,10 +348,9 @@ def load_image_files(paths: Sequence[str | Path], image_size: int) -> np.ndarray
         if not Path(path).is_file():
             raise FlowersError(f"image file not found: {path}")
         try:
-            image = decode_image_bytes(Path(path).read_bytes())
+            images.append(decode_and_resize(Path(path).read_bytes(), image_size))
         except ValueError as exc:
             raise FlowersError(f"cannot read image {path}: {exc}") from None
-        images.append(resize_image(image, image_size).numpy())
     return np.stack(images)
 
 

@@ -158,12 +158,18 @@ def predict_files(model_path: str | Path, image_paths: Sequence[str | Path],
     images = data.load_image_files(image_paths, model.image_size).astype(np.float32)
     probabilities = np.concatenate([model.predict(images[i:i + PREDICT_BATCH])
                                     for i in range(0, len(images), PREDICT_BATCH)])
-    results = []
-    for path, row in zip(image_paths, probabilities, strict=True):
-        best = np.argsort(-row, kind="stable")[:min(top, model.num_classes)]
-        results.append({"image": str(path),
-                        "top": [{"class": names[i], "probability": float(row[i])} for i in best]})
-    return results
+    return [{"image": str(path), "top": top_classes(row, names, top)}
+            for path, row in zip(image_paths, probabilities, strict=True)]
+
+
+def top_classes(probabilities: np.ndarray, class_names: Sequence[str], top: int) -> list[dict[str, Any]]:
+    """The `top` most probable classes of one image, best first (ties keep class order).
+
+    Returns:
+        [{"class": name, "probability": p}, ...], at most len(class_names) entries.
+    """
+    best = np.argsort(-probabilities, kind="stable")[:min(top, len(class_names))]
+    return [{"class": class_names[i], "probability": float(probabilities[i])} for i in best]
 
 
 def runtime_version(distribution: str) -> str:
