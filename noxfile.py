@@ -137,6 +137,14 @@ def export(session: nox.Session) -> None:
 
 
 @nox.session
+def serve(session: nox.Session) -> None:
+    """Every runtime of an export version behind the server, under load (posargs: flowers bench-serve)."""
+    # CPU builds of every backend and runtime: bench-serve serves each one in turn.
+    session.install("-e", ".[torch,jax,export,serve]")
+    session.run("flowers", "bench-serve", *session.posargs)
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
     """Lint, then the test suite (all three backends, CPU builds)."""
     session.install("-e", ".[test]")

@@ -1,0 +1,130 @@
+"""Request bodies in, images out: the Vertex AI / TF Serving "instances" format, checked strictly.
+
+A body is {"instances": [...], "parameters": {"top_k": K}} ("signature_name" is accepted and
+ignored, as TF Serving clients send it). An instance is {"b64": "<base64 of a JPEG/PNG/... file>"}
+(the TF Serving and Vertex AI convention for binary data) or a nested list of RGB pixels [H, W, 3]
+in 0..255. Both are resized by flowers.data exactly as training did. Every mistake raises a
+ClientError with the HTTP status and a message that names the instance and what was wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flowers import data
+
+DEFAULT_TOP_K = 5
+KNOWN_KEYS = {"instances", "parameters", "signature_name"}
+KNOWN_PARAMETERS = {"top_k"}
+INSTANCE_FORMS = 'an instance is {"b64": "<base64 JPEG/PNG>"} or an [H, W, 3] array of 0..255 pixels'
+
+
+class ClientError(Exception):
+    """A request the client has to change: answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class PredictRequest:
+    instances: list[Any]
+    top_k: int
+
+
+def parse_body(body: bytes, max_instances: int) -> PredictRequest:
+    """Check a predict body's JSON structure (the cheap part; images are decoded later).
+
+    Raises:
+        ClientError: 400 for non-JSON, a missing or empty "instances", unknown keys or parameters,
+            a bad top_k, or more than max_instances instances.
+    """
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClientError(400, f"the body is not JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise ClientError(400, 'the body must be a JSON object {"instances": [...]}')
+    if "inputs" in request:
+        raise ClientError(400, 'the columnar "inputs" format is not supported; send '
+                               '{"instances": [...]}')
+    unknown = sorted(set(request) - KNOWN_KEYS)
+    if unknown:
+        raise ClientError(400, f"unknown key {unknown[0]!r}; a request has "
+                               f"{', '.join(sorted(KNOWN_KEYS))}")
+    instances = request.get("instances")
+    if instances is None:
+        raise ClientError(400, 'missing "instances": send {"instances": [...]}')
+    if not isinstance(instances, list) or not instances:
+        raise ClientError(400, '"instances" must be a non-empty list')
+    if len(instances) > max_instances:
+        raise ClientError(400, f"{len(instances)} instances; this server takes at most "
+                               f"{max_instances} per request")
+    return PredictRequest(instances=instances, top_k=_top_k(request.get("parameters")))
+
+
+def decode_instances(instances: list[Any], image_size: int) -> np.ndarray:
+    """uint8 images [N, image_size, image_size, 3], decoded and resized as training did.
+
+    CPU-bound (Pillow, TensorFlow's resize): the app runs it in a thread pool.
+
+    Raises:
+        ClientError: 400 naming the first bad instance.
+    """
+    return np.stack([_decode_instance(instance, index, image_size)
+                     for index, instance in enumerate(instances)])
+
+
+def _decode_instance(instance: Any, index: int, image_size: int) -> np.ndarray:
+    if isinstance(instance, dict):
+        if set(instance) != {"b64"} or not isinstance(instance["b64"], str):
+            raise ClientError(400, f"instance {index}: {INSTANCE_FORMS}")
+        try:
+            encoded = base64.b64decode(instance["b64"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ClientError(400, f"instance {index}: bad base64 ({exc})") from None
+        try:
+            return data.decode_and_resize(encoded, image_size)
+        except ValueError as exc:
+            raise ClientError(400, f"instance {index}: cannot read the image: {exc}") from None
+    if isinstance(instance, list):
+        return data.resize_image(_pixels(instance, index), image_size).numpy()
+    raise ClientError(400, f"instance {index}: {INSTANCE_FORMS}")
+
+
+def _pixels(instance: list, index: int) -> np.ndarray:
+    try:
+        pixels = np.asarray(instance, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ClientError(400, f"instance {index}: not a rectangular array of numbers; "
+                               f"{INSTANCE_FORMS}") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise ClientError(400, f"instance {index}: pixel array of shape {list(pixels.shape)}; "
+                               "expected [H, W, 3] (RGB)")
+    if not np.all(np.isfinite(pixels)) or pixels.min() < 0 or pixels.max() > 255:
+        raise ClientError(400, f"instance {index}: pixel values must be within 0..255")
+    return pixels
+
+
+def _top_k(parameters: Any) -> int:
+    if parameters is None:
+        return DEFAULT_TOP_K
+    if not isinstance(parameters, dict):
+        raise ClientError(400, '"parameters" must be an object such as {"top_k": 5}')
+    unknown = sorted(set(parameters) - KNOWN_PARAMETERS)
+    if unknown:
+        raise ClientError(400, f"unknown parameter {unknown[0]!r}; known: "
+                               f"{', '.join(sorted(KNOWN_PARAMETERS))}")
+    top_k = parameters.get("top_k", DEFAULT_TOP_K)
+    # bool is an int in Python; {"top_k": true} is a mistake, not 1.
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ClientError(400, f"top_k must be a whole number of at least 1, not {top_k!r}")
+    return top_k
