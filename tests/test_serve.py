@@ -228,6 +228,28 @@ def test_health_is_ready_only_after_the_warm_up(version, photos, tmp_path):
         assert post(f"{url}/predict", {"instances": [b64(photos[0])]}).status_code == 200
 
 
+def test_vertex_ai_variables_set_the_port_and_routes(version, photos, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "AIP_HTTP_PORT": str(port),
+           "AIP_HEALTH_ROUTE": "/v1/endpoints/e/deployedModels/m", "AIP_PREDICT_ROUTE": "/infer"}
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log_file:  # --host: tests listen on loopback only
+        process = subprocess.Popen([sys.executable, "-m", "flowers.cli", "serve", str(version), "--host",
+                                    "127.0.0.1"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline, status = time.monotonic() + START_TIMEOUT_S, None
+        while status != 200 and time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                status = httpx.get(f"{url}/v1/endpoints/e/deployedModels/m", timeout=5).status_code
+            time.sleep(0.1)
+        assert status == 200, (tmp_path / "server.log").read_text()[-2000:]
+        assert post(f"{url}/infer", {"instances": [b64(photos[0])]}).status_code == 200
+        assert post(f"{url}/predict", {"instances": [b64(photos[0])]}).status_code == 404
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 404
+    finally:
+        stop(process)
+
+
 def test_overload_gets_503_with_retry_after_never_a_hang(version, photos, tmp_path):
     log = tmp_path / "server.log"
     with served(str(version), "--max-queue", "2", "--max-batch", "1", log=log) as (url, _):

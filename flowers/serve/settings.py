@@ -70,9 +70,10 @@ class ServeSettings:
             if not ok:
                 raise FlowersError(message)
         for option, route in (("health", self.health_route), ("predict", self.predict_route)):
-            if not route.startswith("/") or route.startswith("/v1/") or route == "/metrics":
+            # Vertex AI's own default routes are /v1/endpoints/<id>/deployedModels/<id>[:predict].
+            if not route.startswith("/") or route.startswith("/v1/models/") or route == "/metrics":
                 raise FlowersError(f"the {option} route must start with / and not clash with "
-                                   f"/v1/ or /metrics, not {route!r}")
+                                   f"/v1/models/ or /metrics, not {route!r}")
         if self.health_route == self.predict_route:
             raise FlowersError(f"the health and predict routes are both {self.health_route!r}")
 
