@@ -98,7 +98,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
         click.echo(f"warning: {gpu_warning}", err=True)
     from flowers.train import train as run_training
 
-    run_dir = run_training(exp, name, root, resume_dir=resume_dir)
+    run_dir = run_training(exp, name, root, resume_dir=resume_dir, progress=click.echo)
     metrics = runs.read_json(run_dir / "metrics.json")
     click.echo(f"val_accuracy={metrics['val_accuracy']:.4f} val_loss={metrics['val_loss']:.4f} "
                f"train_time_s={metrics['train_time_s']:.1f} device={metrics['device']}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 
 from flowers import weights as imagenet_weights
-from flowers.config import ModelConfig
+from flowers.config import ModelConfig, resolve_path
 from flowers.errors import FlowersError
 
 # Extra member stored inside model.keras (keras ignores unknown zip members when loading).
@@ -62,7 +62,7 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
     imagenet_weights.check_available(config.weights)
     weights = None if config.weights == "none" else config.weights
     if weights not in (None, "imagenet"):
-        weights = str(Path(weights).expanduser())
+        weights = str(resolve_path(weights))
 
     data_format = resolve_data_format(config.data_format)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")

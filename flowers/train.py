@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from flowers.model import (
     portable,
     resolve_data_format,
     save_model,
+    with_probabilities,
 )
 
 
@@ -36,6 +37,8 @@ class EpochTimer(keras.callbacks.Callback):
     """Times each epoch's training steps and whole epoch; persists them for --resume.
 
     Times are keyed by epoch index, so an epoch re-run after an interruption replaces its entry.
+    The first epoch each process runs carries tracing/compilation (a resumed process traces
+    again), so those epochs are recorded as warm-up epochs and left out of the throughput.
     """
 
     def __init__(self, progress_path: Path):
@@ -44,11 +47,16 @@ class EpochTimer(keras.callbacks.Callback):
         saved = runs.read_json(progress_path) if progress_path.is_file() else {}
         self.train_s = {int(k): v for k, v in saved.get("train_s", {}).items()}
         self.wall_s = {int(k): v for k, v in saved.get("wall_s", {}).items()}
+        self.warmup_epochs = set(saved.get("warmup_epochs", []))
+        self._first_in_process = True
         self._epoch = 0
         self._start = self._train_end = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        if self._first_in_process:
+            self.warmup_epochs.add(epoch)
+            self._first_in_process = False
         self._start = self._train_end = time.perf_counter()
 
     def on_test_begin(self, logs=None):
@@ -61,7 +69,8 @@ class EpochTimer(keras.callbacks.Callback):
             self._train_end = end
         self.train_s[epoch] = self._train_end - self._start
         self.wall_s[epoch] = end - self._start
-        runs.write_json(self.progress_path, {"train_s": self.train_s, "wall_s": self.wall_s})
+        runs.write_json(self.progress_path, {"train_s": self.train_s, "wall_s": self.wall_s,
+                                             "warmup_epochs": sorted(self.warmup_epochs)})
 
     def epoch_times_s(self, epochs: int) -> list[float]:
         return [self.train_s[e] for e in range(epochs)]
@@ -70,9 +79,23 @@ class EpochTimer(keras.callbacks.Callback):
         return sum(self.wall_s[e] for e in range(epochs))
 
 
+class EpochProgress(keras.callbacks.Callback):
+    """One progress line per epoch through a callback (library code does not print)."""
+
+    def __init__(self, progress: Callable[[str], None], epochs: int):
+        super().__init__()
+        self.progress, self.epochs = progress, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items()
+                          if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
+        self.progress(f"epoch {epoch + 1}/{self.epochs}: {shown}")
+
+
 def train(experiment: Experiment, backend_name: str, runs_root: Path,
           resume_dir: Path | None = None,
-          callbacks: Sequence[keras.callbacks.Callback] = ()) -> Path:
+          callbacks: Sequence[keras.callbacks.Callback] = (),
+          progress: Callable[[str], None] | None = None) -> Path:
     """Train `experiment` under the selected backend and write a complete run directory.
 
     Args:
@@ -81,6 +104,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         runs_root: root of the run directories.
         resume_dir: an `.incomplete-` run directory to continue (its checkpoint is restored).
         callbacks: extra Keras callbacks (run after the built-in ones).
+        progress: called with one line per stage (data, model, each epoch, evaluation).
 
     Returns:
         The final run directory.
@@ -90,8 +114,12 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     keras.config.set_dtype_policy(cfg.train.dtype_policy)
     backend.hide_gpus_from_tensorflow(backend_name)
     weights.check_available(cfg.model.weights)
+    say = progress or (lambda line: None)
+    say(f"data: reading {cfg.data.source}")
     splits = data.load(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    say(f"data: {splits.summary()}" + (", decoded and cached in memory" if splits.cached else ""))
     num_classes = len(splits.class_names)
+    say(f"model: building ResNet50 ({cfg.model.weights} weights) + head, {num_classes} classes")
     model = build_model(cfg.model, cfg.data.image_size, num_classes)
     compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
 
@@ -99,37 +127,54 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     run_id = runs.read_json(run_dir / "config.json")["run_id"]
     runs.write_json(run_dir / "class_names.json", splits.class_names)
     timer = EpochTimer(run_dir / "progress.json")
+    backup_dir = run_dir / "backup"
+    first_epoch = restored_epoch(backup_dir)
+    if first_epoch:
+        say(f"resume: {first_epoch} of {cfg.train.epochs} epochs done; continuing")
     fit_callbacks = [
         # First, so the restored epoch is known before the other callbacks start.
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
         timer,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, profile_batch=0),
+        *([EpochProgress(progress, cfg.train.epochs)] if progress else []),
         *callbacks,
     ]
 
     with HostMemorySampler() as host_memory:
         backend.reset_peak_device_memory(backend_name)
         if cfg.train.cache_features:
+            say("features: computing the frozen backbone's features once (train.cache_features)")
             start = time.perf_counter()
-            fit_model, train_data, val_data = cached_feature_data(model, splits, cfg)
+            fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, first_epoch)
             feature_extraction_s = time.perf_counter() - start
             compile_model(fit_model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
         else:
-            fit_model, train_data, val_data = model, splits.train, splits.val
+            fit_model, val_data = model, splits.val
+            train_data = splits.train_epochs(first_epoch, cfg.train.epochs)
             feature_extraction_s = None
+        say(f"train: {cfg.train.epochs - first_epoch} epoch(s) of {splits.steps_per_epoch} steps "
+            f"under {backend_name}")
         fit_model.fit(train_data, validation_data=val_data, epochs=cfg.train.epochs,
-                      callbacks=fit_callbacks, shuffle=False, verbose=2)
-        # The full model (backbone + the head just trained) is what gets evaluated and timed.
+                      steps_per_epoch=splits.steps_per_epoch, callbacks=fit_callbacks,
+                      shuffle=False, verbose=2 if progress is None else 0)
+        # The full model (backbone + the head just trained) is what gets evaluated and timed,
+        # after one untimed batch: in feature-cache runs it has not been traced yet, in
+        # standard runs it has (validation), and eval_time_s must mean the same in both.
+        say("evaluate: validation split, then latency")
+        model.evaluate(splits.val.take(1), verbose=0)
         start = time.perf_counter()
         scores = model.evaluate(splits.val, return_dict=True, verbose=0)
         eval_time_s = time.perf_counter() - start
         sample_images = next(iter(splits.val))[0].numpy()
-        latency = latency_ms(model.predict_on_batch, sample_images, cfg.train.latency_repeats)
+        # timed on what users deploy: the model that returns probabilities
+        latency = latency_ms(with_probabilities(model).predict_on_batch, sample_images,
+                             cfg.train.latency_repeats)
     peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
 
     epoch_times = timer.epoch_times_s(cfg.train.epochs)
-    images_per_s, speed_reason = throughput(splits.num_train, epoch_times)
+    warmup_epochs = sorted(timer.warmup_epochs)
+    images_per_s, speed_reason = throughput(splits.num_train, epoch_times, warmup_epochs)
     feature_reason = None if cfg.train.cache_features else "train.cache_features is off"
     null_reasons = {k: r for k, r in (("peak_device_mem_mb", device_reason),
                                        ("train_images_per_s", speed_reason),
@@ -157,6 +202,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         "train_time_s": timer.total_wall_s(cfg.train.epochs) + (feature_extraction_s or 0.0),
         "epoch_times_s": epoch_times,
         "first_epoch_s": epoch_times[0],
+        "warmup_epochs": warmup_epochs,
         "train_images_per_s": images_per_s,
         "peak_host_rss_mb": host_memory.peak_mb,
         "peak_device_mem_mb": peak_device_mb,
@@ -177,30 +223,36 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     return runs.finalize(run_dir)
 
 
-def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment):
+def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment,
+                        first_epoch: int = 0):
     """train.cache_features: the head model and feature datasets that replace images.
 
     The backbone is frozen (inference-mode BatchNorm) and there is no augmentation, so each image's
     pooled features never change: computing them once and training the head on them is the same
-    math as running the backbone every step. The feature batches are shuffled with the same seed
-    and buffer as the image pipeline, so the head sees the same batches in the same order.
+    math as running the backbone every step. The features are batched in the same per-epoch
+    order as the images (data.epoch_batches), so the head sees the same batches.
     """
-    import tensorflow as tf
-
     extractor = feature_extractor(model)
 
-    def features(dataset) -> tuple[np.ndarray, np.ndarray]:
-        pairs = [(np.asarray(extractor.predict_on_batch(x.numpy()), np.float32), y.numpy())
-                 for x, y in dataset]
-        return np.concatenate([f for f, _ in pairs]), np.concatenate([y for _, y in pairs])
+    def features(dataset, labels) -> data.Examples:
+        rows = [np.asarray(extractor.predict_on_batch(x.numpy()), np.float32) for x, _ in dataset]
+        return data.Examples(np.concatenate(rows), labels, "array")
 
-    train_features = tf.data.Dataset.from_tensor_slices(features(splits.train_in_order))
-    train_features = train_features.shuffle(cfg.data.shuffle_buffer, seed=cfg.train.seed,
-                                            reshuffle_each_iteration=True)
-    val_features = tf.data.Dataset.from_tensor_slices(features(splits.val))
+    train_features = features(splits.train_in_order, splits.train_examples.labels)
+    val_features = features(splits.val, splits.val_examples.labels)
     batch = cfg.train.batch_size
-    return (head(model), train_features.batch(batch).prefetch(tf.data.AUTOTUNE),
-            val_features.batch(batch).prefetch(tf.data.AUTOTUNE))
+    return (head(model),
+            data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch, cfg.train.epochs),
+            data.in_order(val_features, batch))
+
+
+def restored_epoch(backup_dir: Path) -> int:
+    """The epoch keras.callbacks.BackupAndRestore will resume from (0 when nothing is saved).
+
+    The training data starts at that epoch's order, so it is read before fit() restores it.
+    """
+    metadata = backup_dir / "training_metadata.json"
+    return int(runs.read_json(metadata)["epoch"]) if metadata.is_file() else 0
 
 
 def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:
