@@ -38,9 +38,9 @@ NOISE_CAVEAT = (
     "It is a scale, not a significance test: it treats the accuracies as independent samples, "
     "although every run is scored on the same images; models that get the same images right have a "
     "smaller paired noise (McNemar's test on per-image predictions, which runs do not save), so "
-    "'within noise' here can miss a real difference. Seed-to-seed training variation is not in it "
-    "either (one run per backend), and Keras initialises the weights differently under each backend "
-    "even with the same seed.")
+    "a spread judged small against it can hide a real difference. Seed-to-seed training "
+    "variation is not in it either (one run per backend), and Keras initialises the weights "
+    "differently under each backend even with the same seed.")
 
 
 @dataclass(frozen=True)
