@@ -83,6 +83,14 @@ class Examples:
     def class_counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
+    @cached_property
+    def tensors(self):
+        """(items, labels) as tf tensors, made once: every pipeline over these examples shares
+        them, so building another epoch range or view never copies the images again."""
+        import tensorflow as tf
+
+        return tf.constant(self.items), tf.constant(self.labels, tf.int32)
+
 
 @dataclass
 class Splits:
@@ -263,8 +271,7 @@ def _reader(examples: Examples, image_size: int | None):
     """position -> (image uint8 [S,S,3] or array row, int32 label), reading examples.items."""
     import tensorflow as tf
 
-    items = tf.constant(examples.items)
-    labels = tf.constant(examples.labels, tf.int32)
+    items, labels = examples.tensors
 
     def read(position):
         item = tf.gather(items, position)
