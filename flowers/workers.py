@@ -86,7 +86,8 @@ def run_worker(module: str, backend_name: str, request: dict[str, Any], work_dir
     Raises:
         FlowersError: the child failed (see the module docstring) or ran out of time.
     """
-    request_path = work_dir / f"{module.rsplit('.', 1)[-1]}-{backend_name}-{secrets.token_hex(3)}.request.json"
+    name = f"{module.rsplit('.', 1)[-1]}-{backend_name}-{secrets.token_hex(3)}"
+    request_path = work_dir / f"{name}.request.json"
     files.write_json(request_path, {**request, "backend": backend_name})
     try:
         done = subprocess.run([sys.executable, "-m", module, str(request_path)], capture_output=True,
