@@ -41,7 +41,7 @@ def cli() -> None:
 @cli.command()
 def info() -> None:
     """Installed backends and versions, devices, and where data and weights live."""
-    from flowers.export import exports_root
+    from flowers.export.run import exports_root
 
     installed = backend.installed_versions()
     host = backend.host_info()
@@ -199,7 +199,7 @@ exports_dir_option = click.option(
 @exports_dir_option
 def export_command(run_dir: Path, formats: str | None, out: Path | None) -> None:
     """Export a run to every format, verified in each runtime; the last line is the version dir."""
-    from flowers import export
+    from flowers.export import run as export
 
     names = export.check_request(run_dir, formats)
     # This process decodes images and runs the SavedModel; Keras runs in one process per backend.
@@ -220,7 +220,7 @@ def exports_group() -> None:
 @exports_dir_option
 def exports_list(experiment: str | None, out: Path | None) -> None:
     """Versions with their source run, training backend, accuracy and formats."""
-    from flowers import export
+    from flowers.export import run as export
 
     root = export.exports_root(out)
     manifests = export.list_exports(root, experiment)
@@ -239,7 +239,7 @@ def exports_list(experiment: str | None, out: Path | None) -> None:
 def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: str | None,
             as_json: bool) -> None:
     """Classify images with a .keras file (under --backend), a SavedModel dir, .onnx or .tflite."""
-    from flowers import runtimes
+    from flowers.export import runtimes
 
     fmt = runtimes.format_of(model_file)
     if backend_name and fmt != "keras":

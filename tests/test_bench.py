@@ -89,7 +89,7 @@ def test_native_twin_is_the_same_network(backend, flowers12):
         from flowers import backend, config, data
         backend.select("{backend}")
         import keras
-        from flowers import native
+        from flowers.bench import native
         from flowers.model import build_model
         keras.utils.set_random_seed(1)
         images = data.load_image_files(sorted(p for p in __import__("pathlib").Path(
@@ -214,7 +214,7 @@ def test_eval_time_is_measured_after_a_warm_up_in_both_modes(tmp_path, cache):
 ])
 def test_gpu_peak_matches_whole_words_longest_first(name, key, tflops):
     """Substring matching once gave the L40 the L4's figure and the H100 NVL the PCIe one."""
-    from flowers import hardware
+    from flowers.bench import hardware
 
     peak = hardware.gpu_peak(name)
     assert peak["fp32_gflops"] == tflops * 1000
@@ -223,7 +223,7 @@ def test_gpu_peak_matches_whole_words_longest_first(name, key, tflops):
 
 @pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA B200", "NVIDIA L"])
 def test_an_unknown_gpu_gets_no_peak_rather_than_a_neighbours(name):
-    from flowers import hardware
+    from flowers.bench import hardware
 
     peak = hardware.gpu_peak(name)
     assert peak["fp32_gflops"] is None and name in peak["method"]
@@ -232,7 +232,7 @@ def test_an_unknown_gpu_gets_no_peak_rather_than_a_neighbours(name):
 def test_cpu_peak_counts_physical_cores_and_says_when_fma_units_are_assumed(monkeypatch):
     import psutil
 
-    from flowers import hardware
+    from flowers.bench import hardware
 
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
     monkeypatch.setattr(hardware, "_max_clock_mhz", lambda info: (2000.0, "test clock"))

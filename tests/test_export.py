@@ -131,7 +131,7 @@ def test_predict_gives_the_same_top1_from_every_format(exported, photo):
 def test_a_failed_verification_fails_the_export_and_leaves_no_version(smoke_runs, tmp_path):
     """ONNX runtime results drift by 0.01: the export stops, names the format, keeps nothing."""
     driver = f"""
-        import flowers.runtimes as runtimes
+        import flowers.export.runtimes as runtimes
         real_open_model = runtimes.open_model
 
         def drifting_open_model(path, *args, **kwargs):
@@ -154,12 +154,12 @@ def test_a_failed_verification_fails_the_export_and_leaves_no_version(smoke_runs
 def test_a_crash_midway_leaves_no_version(smoke_runs, tmp_path):
     """model.keras is already staged when the first backend process dies."""
     driver = f"""
-        import flowers.export
+        import flowers.export.run
 
         def crash(*args, **kwargs):
             raise RuntimeError("backend process crashed (simulated)")
 
-        flowers.export._run_worker = crash
+        flowers.export.run._run_worker = crash
         from flowers.cli import main
         main(["export", "{smoke_runs['tensorflow']}", "--formats", "keras,onnx", "--out", "{tmp_path}"])
     """

@@ -12,9 +12,10 @@ import sys
 import pytest
 
 from conftest import PROJECT_ROOT, one_line_error
-from flowers import config, export, runs
+from flowers import config, runs
 from flowers.data import scan_folder
 from flowers.errors import FlowersError
+from flowers.export import run as export
 
 
 def test_experiment_paths_resolve_from_the_project_root_wherever_flowers_runs(

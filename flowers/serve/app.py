@@ -38,8 +38,8 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flowers import runtimes
 from flowers.errors import FlowersError
+from flowers.export import runtimes
 from flowers.serve import payload
 from flowers.serve.batcher import Admission, MicroBatcher, Overloaded
 from flowers.serve.payload import ClientError

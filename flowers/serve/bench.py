@@ -40,7 +40,7 @@ import numpy as np
 
 from flowers import backend
 from flowers.errors import FlowersError
-from flowers.runtimes import FORMAT_PATHS, MANIFEST, RUNTIME_MODULES
+from flowers.export.runtimes import FORMAT_PATHS, MANIFEST, RUNTIME_MODULES
 from flowers.serve import loadtest
 
 GOALS = {"overhead_ratio_at_16": 0.8, "p99_over_p50": 3.0, "errors": 0}
@@ -334,7 +334,8 @@ def _in_process_main(argv: list[str]) -> None:
     model_path, keras_backend, sizes_text, images = argv
     name = backend.select(keras_backend)
     backend.hide_gpus_from_tensorflow(name)
-    from flowers import data, runtimes
+    from flowers import data
+    from flowers.export import runtimes
     from flowers.metrics import time_calls
 
     try:

@@ -1,4 +1,4 @@
-"""The served model: opened once with flowers.runtimes, warmed up, run on batches of decoded images.
+"""The served model: opened once with flowers.export.runtimes, warmed up, run on batches of decoded images.
 
 Runtimes that compile or allocate per input shape -- Keras (jax traces and compiles every new batch
 size, tf.function retraces) and the LiteRT interpreter (re-allocates its tensors whenever the batch
@@ -57,7 +57,7 @@ class ModelService:
         Raises:
             FlowersError: a file its runtime cannot read, or class names that do not fit it.
         """
-        from flowers import runtimes
+        from flowers.export import runtimes
 
         start = time.perf_counter()
         self.model = runtimes.open_model(self.target.model_path)

@@ -13,9 +13,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flowers import backend, runtimes
+from flowers import backend
 from flowers.errors import FlowersError
-from flowers.runtimes import FORMAT_PATHS, FORMATS, MANIFEST
+from flowers.export import runtimes
+from flowers.export.runtimes import FORMAT_PATHS, FORMATS, MANIFEST
 
 # An export version is served by the first of these it holds: ONNX needs neither Keras nor
 # TensorFlow's graph runtime to run the model.

@@ -1,4 +1,4 @@
-"""The per-backend half of `flowers export`, run in its own process: python -m flowers.export_worker REQ.
+"""The per-backend half of `flowers export`, run in its own process: python -m flowers.export.worker REQ.
 
 A process can use one Keras backend only, so flowers/export.py starts this module once per backend it
 needs. It reads a request (JSON), selects the backend, loads model.keras, runs it on the
@@ -71,7 +71,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     """Do one worker request (see the module docstring); returns the result dict."""
     name = backend.select(request["backend"])
     backend.hide_gpus_from_tensorflow(name)
-    from flowers.runtimes import open_model, run_and_time
+    from flowers.export.runtimes import open_model, run_and_time
 
     loaded = open_model(request["model"])
     images = np.load(request["images"])

@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from flowers import __version__, backend, data, runs, runtimes
+from flowers import __version__, backend, data, runs
 from flowers.config import PROJECT_ROOT, Experiment
 from flowers.errors import FlowersError
-from flowers.runtimes import EXPORT_EXTRA, FORMAT_PATHS, FORMATS, MANIFEST
+from flowers.export import runtimes
+from flowers.export.runtimes import EXPORT_EXTRA, FORMAT_PATHS, FORMATS, MANIFEST
 
 # format -> ((backend, modules its writer imports), ...), best first; keras is a copy of the run's
 # file. torch writes ONNX in ~12 s where tf2onnx (the tensorflow route) takes ~50 s for the same
@@ -325,7 +326,7 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
 
 def _run_worker(name: str, model_path: Path, writes: dict[str, str], scratch: Path,
                 latency_repeats: int) -> tuple[dict[str, Any], np.ndarray]:
-    """Run flowers.export_worker under backend `name`; returns (result, probabilities)."""
+    """Run flowers.export.worker under backend `name`; returns (result, probabilities)."""
     request = {
         "backend": name, "model": str(model_path), "images": str(scratch / "images.npy"),
         "probabilities_out": str(scratch / f"probabilities-{name}.npy"),
@@ -338,7 +339,7 @@ def _run_worker(name: str, model_path: Path, writes: dict[str, str], scratch: Pa
     # it fails, when its last line becomes the error.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     env.pop("KERAS_BACKEND", None)
-    done = subprocess.run([sys.executable, "-m", "flowers.export_worker", str(request_path)],
+    done = subprocess.run([sys.executable, "-m", "flowers.export.worker", str(request_path)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]

@@ -1,7 +1,7 @@
 """`flowers bench`: every backend against native code and the hardware, in one invocation.
 
 Method (written into bench.json beside the figures):
-- One worker process per backend (python -m flowers.bench_worker) builds its models once. The
+- One worker process per backend (python -m flowers.bench.worker) builds its models once. The
   workers are driven round by round, in a rotating order, one at a time, so slow drift of a noisy
   machine spreads over all backends instead of favouring one.
 - Each figure is the median of the timed calls of all rounds, with min and max; every task has
@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config, hardware
+from flowers import backend, config
+from flowers.bench import hardware
 from flowers.errors import FlowersError
 
 KERAS_TASKS = ("forward_b1", "forward_batch", "train_step", "train_memory", "train_tfdata")
@@ -413,7 +414,7 @@ def _last_error(log: Path) -> str:
 
 
 def _worker_command(name: str, settings: BenchSettings) -> list[str]:
-    return [sys.executable, "-m", "flowers.bench_worker", "--backend", name,
+    return [sys.executable, "-m", "flowers.bench.worker", "--backend", name,
             "--image-size", str(settings.image_size), "--batch-size", str(settings.batch_size),
             "--warmup", str(settings.warmup), "--images", settings.images,
             "--e2e-epochs", str(settings.e2e_epochs),

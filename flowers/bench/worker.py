@@ -1,4 +1,4 @@
-"""One backend's side of `flowers bench`, run as `python -m flowers.bench_worker` by flowers.bench.
+"""One backend's side of `flowers bench`, run as `python -m flowers.bench.worker` by flowers.bench.
 
 Timing mode: builds the model (and the native twins) once, then answers one JSON request per stdin
 line with the seconds of each timed call, so the orchestrator can interleave backends round by
@@ -168,12 +168,12 @@ class Worker:
         return model
 
     def _native_factory(self) -> Callable | None:
-        from flowers import native
+        from flowers.bench import native
 
         return {"torch": native.torch_native, "tensorflow": native.tensorflow_native}.get(self.backend)
 
     def _native(self):
-        from flowers import native
+        from flowers.bench import native
 
         if "native" not in self.natives:
             factory = self._native_factory()
@@ -300,7 +300,7 @@ def _send(stream, message: dict[str, Any]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flowers.bench_worker")
+    parser = argparse.ArgumentParser(prog="python -m flowers.bench.worker")
     parser.add_argument("--backend", required=True)
     parser.add_argument("--image-size", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)

@@ -310,7 +310,7 @@ def _run_worker(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     spec_path = work_dir / f"{spec['backend']}.spec.json"
     spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    done = subprocess.run([sys.executable, "-m", "flowers.parity", str(spec_path)],
+    done = subprocess.run([sys.executable, "-m", "flowers.parity.check", str(spec_path)],
                           capture_output=True, text=True, env=env)
     report_path = work_dir / f"{spec['backend']}.json"
     if done.returncode != 0 or not report_path.is_file():
