@@ -7,15 +7,12 @@ Every other function here asks the chosen framework, so the rest of the code nev
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
-import subprocess
 import sys
-from typing import Any
 
+from flowers import host
 from flowers.errors import FlowersError
 
 BACKENDS = ("torch", "tensorflow", "jax")
@@ -76,7 +73,9 @@ def select(name: str) -> str:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if name == "torch":
         keep_freed_memory()
-    _import_tensorflow_quietly()
+    if "tensorflow" not in sys.modules:
+        with host.quiet_stderr():  # its C++ start-up lines come before TF_CPP_MIN_LOG_LEVEL applies
+            import tensorflow  # noqa: F401  (every backend needs it for tf.data)
     return name
 
 
@@ -103,31 +102,11 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow (every backend needs it for tf.data) without its C++ start-up lines.
-
-    Those lines ("oneDNN custom operations are on", "All log messages before absl::InitializeLog")
-    are written before TF_CPP_MIN_LOG_LEVEL takes effect, so stderr is muted while TensorFlow
-    loads. TF_CPP_MIN_LOG_LEVEL=0 keeps them. Python exceptions are unaffected.
-    """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        return
-    sys.stderr.flush()
-    saved_fd, devnull_fd = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull_fd, 2)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        os.close(devnull_fd)
-
-
 def installed_versions() -> dict[str, str | None]:
     """Version of each backend's framework, or None when it is not installed (imports nothing)."""
     found = {}
     for name, dists in _DISTRIBUTIONS.items():
-        found[name] = next((v for d in dists if (v := _dist_version(d))), None)
+        found[name] = next((v for d in dists if (v := host.package_version(d))), None)
     return found
 
 
@@ -136,7 +115,7 @@ def versions(name: str) -> dict[str, str | None]:
     installed = installed_versions()
     return {
         "backend_version": installed[name],
-        "keras_version": _dist_version("keras"),
+        "keras_version": host.package_version("keras"),
         "tensorflow_version": installed["tensorflow"],
         "python_version": platform.python_version(),
     }
@@ -151,8 +130,11 @@ def preferred_data_format(name: str) -> str:
     return "channels_first" if name == "torch" else "channels_last"
 
 
-def hide_gpus_from_tensorflow(name: str) -> None:
-    """Keep TensorFlow (used only for tf.data) off the GPU when it is not the training backend."""
+def hide_gpus_from_tensorflow(name: str | None = None) -> None:
+    """Keep TensorFlow off the GPU when it is not the training backend `name` (always when None).
+
+    TensorFlow then only feeds tf.data (or runs a SavedModel on the CPU, as export verification does).
+    """
     if name == "tensorflow":
         return
     import tensorflow as tf
@@ -217,39 +199,6 @@ def peak_device_memory_mb(name: str) -> tuple[float | None, str | None]:
     return stats["peak_bytes_in_use"] / 2**20, None
 
 
-def host_info() -> dict[str, Any]:
-    """CPU model, logical cores and RAM of this machine (for report headers)."""
-    import psutil
-
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-    }
-
-
-def nvidia_gpus() -> list[str]:
-    """Names of NVIDIA GPUs reported by nvidia-smi (empty without a driver); imports no framework."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 # How to get a GPU-capable build of each framework (the extras are in pyproject.toml).
 GPU_INSTALL = {
     # a +cpu wheel satisfies torch==2.13.0, so a plain install would keep it
@@ -267,17 +216,10 @@ def gpu_warning(name: str) -> str | None:
     framework itself, so a CUDA build that cannot load its libraries is caught too. Call it after
     select(); it imports the backend's framework.
     """
-    gpus = nvidia_gpus()
+    gpus = host.nvidia_gpus()
     if not gpus or device(name) != "cpu":
         return None
     build = next((f"{dist} {version}" for dist in _DISTRIBUTIONS[name]
-                  if (version := _dist_version(dist))), name)
+                  if (version := host.package_version(dist))), name)
     return (f"an NVIDIA GPU is visible ({gpus[0]}) but the installed {name} build ({build}) cannot "
             f"use it, so {name} trains on the CPU; for the GPU: {GPU_INSTALL[name]}")
-
-
-def _dist_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

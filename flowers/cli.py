@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from flowers import __version__, backend, config, runs, weights
+from flowers import __version__, backend, config, host, runs, weights
 from flowers.errors import FlowersError
 
 DEFAULT_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
@@ -44,8 +44,8 @@ def info() -> None:
     from flowers.export.run import exports_root
 
     installed = backend.installed_versions()
-    host = backend.host_info()
-    gpus = backend.nvidia_gpus()
+    machine = host.host_info()
+    gpus = host.nvidia_gpus()
     versions = backend.versions("tensorflow")
     weights_file = weights.keras_cache_file()
     tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
@@ -56,8 +56,8 @@ def info() -> None:
         "backends:",
         *(f"  {name:<11} {version or 'not installed (pip install -e .[' + name + '])'}"
           for name, version in installed.items()),
-        f"devices:\n  cpu         {host['cpu_model']} ({host['cpu_count']} logical cores, "
-        f"{host['ram_gb']} GiB RAM)",
+        f"devices:\n  cpu         {machine['cpu_model']} ({machine['cpu_count']} logical cores, "
+        f"{machine['ram_gb']} GiB RAM)",
         *(f"  gpu         {name}" for name in gpus),
         *([] if gpus else ["  gpu         none found (nvidia-smi)"]),
         "data:",

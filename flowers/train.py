@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backend, data, runs, weights
+from flowers import backend, data, host, runs, weights
 from flowers.config import Experiment
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
 from flowers.model import (
@@ -184,7 +184,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         "backend": backend_name,
         **backend.versions(backend_name),
         "device": backend.device(backend_name),
-        "host": backend.host_info(),
+        "host": host.host_info(),
         "config_hash": cfg.config_hash(),
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

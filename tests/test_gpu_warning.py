@@ -1,18 +1,18 @@
 """`flowers train` warns in one line when nvidia-smi sees a GPU the backend's installed build cannot use.
 
-backend.device and backend.nvidia_gpus are replaced, so no framework is imported and no GPU is needed.
+backend.device and host.nvidia_gpus are replaced, so no framework is imported and no GPU is needed.
 """
 
 import pytest
 
-from flowers import backend
+from flowers import backend, host
 
 
 @pytest.mark.parametrize("name", backend.BACKENDS)
 def test_a_visible_gpu_the_build_cannot_use_is_named_with_the_fix(monkeypatch, name):
-    monkeypatch.setattr(backend, "nvidia_gpus", lambda: ["NVIDIA L4"])
+    monkeypatch.setattr(host, "nvidia_gpus", lambda: ["NVIDIA L4"])
     monkeypatch.setattr(backend, "device", lambda n: "cpu")
-    monkeypatch.setattr(backend, "_dist_version",
+    monkeypatch.setattr(host, "package_version",
                         lambda dist: {"tensorflow-cpu": "2.21.0", "torch": "2.13.0+cpu",
                                       "jax": "0.10.2"}.get(dist))
     warning = backend.gpu_warning(name)
@@ -25,7 +25,7 @@ def test_a_visible_gpu_the_build_cannot_use_is_named_with_the_fix(monkeypatch, n
 
 @pytest.mark.parametrize("gpus, device", [([], "cpu"), (["NVIDIA L4"], "NVIDIA L4")])
 def test_no_warning_without_a_gpu_or_when_the_build_uses_it(monkeypatch, gpus, device):
-    monkeypatch.setattr(backend, "nvidia_gpus", lambda: gpus)
+    monkeypatch.setattr(host, "nvidia_gpus", lambda: gpus)
     monkeypatch.setattr(backend, "device", lambda n: device)
     assert backend.gpu_warning("tensorflow") is None
 

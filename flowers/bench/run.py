@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config
+from flowers import backend, config, host
 from flowers.bench import hardware
 from flowers.errors import FlowersError
 
@@ -124,7 +124,7 @@ def run_bench(settings: BenchSettings, out_root: Path,
     results = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device,
-        "host": backend.host_info(),
+        "host": host.host_info(),
         "settings": asdict(settings),
         "method": __doc__.split("Method (written into bench.json beside the figures):")[1].strip(),
         "peak": peak,

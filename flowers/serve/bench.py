@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend
+from flowers import backend, host
 from flowers.errors import FlowersError
 from flowers.export.runtimes import FORMAT_PATHS, MANIFEST, RUNTIME_MODULES
 from flowers.serve import loadtest
@@ -128,18 +128,18 @@ def run_bench_serve(settings: BenchServeSettings, out_root: Path,
                                  "overhead_ratio": result["images_per_s"] / reference})
                     progress(f"  concurrency {level}: {result['images_per_s']:.1f} images/s, "
                              f"p50 {result['latency_p50_ms'] or 0:.1f} ms, {result['errors']} errors")
-    host = backend.host_info()
-    gpus = backend.nvidia_gpus()
+    machine = host.host_info()
+    gpus = host.nvidia_gpus()
     results = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "version_dir": str(version_dir.resolve()),
         "manifest": {k: _manifest(version_dir).get(k) for k in ("experiment", "version", "input")},
-        "settings": asdict(settings), "host": host, "gpus": gpus,
+        "settings": asdict(settings), "host": machine, "gpus": gpus,
         "packages": {name: _version(name) for name in PACKAGES},
         "method": __doc__.split("Method (written into serve.json beside the figures):")[1].strip(),
         "in_process": in_process, "rows": rows, "goals": evaluate_goals(rows, settings.max_batch),
     }
-    out_dir = out_root / "serve" / device_slug(gpus[0] if gpus else "cpu", host)
+    out_dir = out_root / "serve" / device_slug(gpus[0] if gpus else "cpu", machine)
     _write_atomically(out_dir, {"serve.json": json.dumps(results, indent=2) + "\n",
                                 "serve.md": markdown(results)})
     return results, out_dir
