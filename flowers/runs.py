@@ -7,7 +7,6 @@ in it, so a directory without the dot is always complete. An interrupted run kee
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Iterable
@@ -15,11 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from flowers import files
 from flowers.config import Experiment, apply_overrides, differences, experiments_dir, from_dict
 from flowers.errors import FlowersError
+from flowers.files import INCOMPLETE_PREFIX
 
 RUN_FILES = ("config.json", "metrics.json", "history.csv", "model.keras")
-INCOMPLETE_PREFIX = ".incomplete-"
 
 
 def runs_root(override: str | Path | None = None) -> Path:
@@ -41,7 +41,7 @@ def start_run(root: Path, experiment: Experiment, backend: str) -> Path:
     run_id = new_run_id()
     path = parent / f"{INCOMPLETE_PREFIX}{run_id}"
     path.mkdir(parents=True)
-    write_json(path / "config.json", {"run_id": run_id, "backend": backend,
+    files.write_json(path / "config.json", {"run_id": run_id, "backend": backend,
                                       "experiment": experiment.to_dict()})
     return path
 
@@ -62,39 +62,32 @@ def resume_settings(root: Path, experiment_name: str, backend: str,
     """The newest unfinished run of experiment+backend and the settings it was started with.
 
     A resumed run continues with its own config.json, whatever the experiment file says now, so
-    `--resume` needs no `--set`. An override is only checked: one that changes a stored setting is
-    refused (the run's epochs so far were trained with the stored value), naming each key.
+    `--resume` needs no `--set`. An override is only checked (check_resumable): one that changes a
+    stored setting is refused, naming each key.
 
     Raises:
         FlowersError: nothing to resume, or an override that conflicts with the stored settings.
     """
     resume_dir = find_incomplete(root, experiment_name, backend)
     saved, _ = read_run_config(resume_dir)
-    overrides = list(overrides)
-    wanted = apply_overrides(saved, overrides)
-    conflicts = differences(saved.to_dict(), wanted.to_dict())
+    return resume_dir, check_resumable(resume_dir, apply_overrides(saved, list(overrides)), saved)
+
+
+def check_resumable(resume_dir: Path, experiment: Experiment,
+                    saved: Experiment | None = None) -> Experiment:
+    """experiment, if it has the settings resume_dir was started with; else a one-line FlowersError.
+
+    The run's epochs so far were trained with the stored settings, so continuing with others would
+    silently train a mix. train() calls this for every resume; resume_settings for the CLI, before
+    the frameworks load.
+    """
+    saved = saved or read_run_config(resume_dir)[0]
+    conflicts = differences(saved.to_dict(), experiment.to_dict())
     if conflicts:
         changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in conflicts)
         raise FlowersError(f"--resume: {resume_dir.name} was started with other settings ({changes}); "
                            "drop those --set values to resume it, or start a new run without --resume")
-    return resume_dir, saved
-
-
-def make_public_dir(parent: Path, prefix: str) -> Path:
-    """Create a new, uniquely named directory under parent with the umask's normal permissions.
-
-    Staging directories are renamed into place as published runs, export versions and reports,
-    which other users (a model server, a colleague) must be able to read; tempfile.mkdtemp would
-    make them private (0o700).
-    """
-    parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    return experiment
 
 
 def finalize(incomplete: Path) -> Path:
@@ -102,14 +95,12 @@ def finalize(incomplete: Path) -> Path:
     missing = [f for f in RUN_FILES if not (incomplete / f).is_file()]
     if missing:
         raise RuntimeError(f"run {incomplete} is missing {missing}; not finalizing")
-    final = incomplete.with_name(incomplete.name.removeprefix(INCOMPLETE_PREFIX))
-    incomplete.rename(final)
-    return final
+    return files.publish_dir(incomplete, incomplete.with_name(files.final_name(incomplete)))
 
 
 def read_run_config(run_dir: Path) -> tuple[Experiment, dict[str, Any]]:
     """The Experiment a run used and its raw config.json."""
-    raw = read_json(run_dir / "config.json")
+    raw = files.read_json(run_dir / "config.json")
     return from_dict(raw["experiment"], origin=str(run_dir / "config.json")), raw
 
 
@@ -119,7 +110,7 @@ def check_complete(run_dir: str | Path) -> Path:
     if not path.is_dir():
         raise FlowersError(f"run directory not found: {path}")
     missing = [f for f in RUN_FILES if not (path / f).is_file()]
-    if missing or path.name.startswith(INCOMPLETE_PREFIX):
+    if missing or files.is_incomplete(path):
         what = f"missing {', '.join(missing)}" if missing else "unfinished"
         raise FlowersError(f"{path} is not a complete run directory ({what})")
     return path
@@ -135,12 +126,5 @@ def complete_runs(root: Path, experiment: str | None = None,
     return sorted(runs, key=lambda p: p.name)
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FlowersError(f"{path}: unreadable JSON ({exc})") from None
+# Old names kept while the callers move to flowers.files (removed in the same change).
+read_json, write_json, make_public_dir = files.read_json, files.write_json, files.make_public_dir

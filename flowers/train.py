@@ -9,6 +9,7 @@ import csv
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backend, data, host, runs, weights
+from flowers import backend, data, files, host, runs, weights
+from flowers.checkpoint import EpochCheckpoint, restored_epoch
 from flowers.config import Experiment
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
 from flowers.model import (
@@ -44,7 +46,7 @@ class EpochTimer(keras.callbacks.Callback):
     def __init__(self, progress_path: Path):
         super().__init__()
         self.progress_path = progress_path
-        saved = runs.read_json(progress_path) if progress_path.is_file() else {}
+        saved = files.read_json(progress_path) if progress_path.is_file() else {}
         self.train_s = {int(k): v for k, v in saved.get("train_s", {}).items()}
         self.wall_s = {int(k): v for k, v in saved.get("wall_s", {}).items()}
         self.warmup_epochs = set(saved.get("warmup_epochs", []))
@@ -69,7 +71,7 @@ class EpochTimer(keras.callbacks.Callback):
             self._train_end = end
         self.train_s[epoch] = self._train_end - self._start
         self.wall_s[epoch] = end - self._start
-        runs.write_json(self.progress_path, {"train_s": self.train_s, "wall_s": self.wall_s,
+        files.write_json(self.progress_path, {"train_s": self.train_s, "wall_s": self.wall_s,
                                              "warmup_epochs": sorted(self.warmup_epochs)})
 
     def epoch_times_s(self, epochs: int) -> list[float]:
@@ -92,6 +94,24 @@ class EpochProgress(keras.callbacks.Callback):
         self.progress(f"epoch {epoch + 1}/{self.epochs}: {shown}")
 
 
+@dataclass
+class Fitted:
+    """What fitting leaves for the metrics: the model that was fit, its epoch times, the cache time."""
+
+    timer: EpochTimer
+    jit_compile: bool
+    feature_extraction_s: float | None
+
+
+@dataclass
+class Measured:
+    """The trained model measured on the validation split: scores, evaluation time and latency."""
+
+    scores: dict[str, float]
+    eval_time_s: float
+    latency_ms: dict[str, float]
+
+
 def train(experiment: Experiment, backend_name: str, runs_root: Path,
           resume_dir: Path | None = None,
           callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -102,7 +122,8 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         experiment: validated experiment.
         backend_name: the backend chosen with backend.select() (keras already uses it).
         runs_root: root of the run directories.
-        resume_dir: an `.incomplete-` run directory to continue (its checkpoint is restored).
+        resume_dir: an `.incomplete-` run directory to continue (its checkpoint is restored);
+            experiment must have the settings it was started with (runs.check_resumable).
         callbacks: extra Keras callbacks (run after the built-in ones).
         progress: called with one line per stage (data, model, each epoch, evaluation).
 
@@ -110,6 +131,8 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         The final run directory.
     """
     cfg = experiment
+    if resume_dir is not None:
+        runs.check_resumable(resume_dir, cfg)
     keras.utils.set_random_seed(cfg.train.seed)
     keras.config.set_dtype_policy(cfg.train.dtype_policy)
     backend.hide_gpus_from_tensorflow(backend_name)
@@ -124,54 +147,90 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
 
     run_dir = resume_dir or runs.start_run(runs_root, cfg, backend_name)
-    run_id = runs.read_json(run_dir / "config.json")["run_id"]
-    runs.write_json(run_dir / "class_names.json", splits.class_names)
-    timer = EpochTimer(run_dir / "progress.json")
+    files.write_json(run_dir / "class_names.json", splits.class_names)
+    with HostMemorySampler() as host_memory:
+        backend.reset_peak_device_memory(backend_name)
+        fitted = fit(model, splits, cfg, run_dir, backend_name, callbacks, progress)
+        say("evaluate: validation split, then latency")
+        measured = measure(model, splits, cfg)
+    metrics = _metrics(cfg, backend_name, run_dir, splits, fitted, measured, host_memory.peak_mb,
+                       resumed=resume_dir is not None)
+    if splits.skipped_files:
+        files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
+    files.write_json(run_dir / "metrics.json", metrics)
+    _dedupe_history(run_dir / "history.csv")
+    save_model(portable(model, cfg.model, cfg.data.image_size, num_classes), run_dir / "model.keras",
+               splits.class_names)
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    (run_dir / "progress.json").unlink(missing_ok=True)
+    return runs.finalize(run_dir)
+
+
+def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path, backend_name: str,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        progress: Callable[[str], None] | None = None) -> Fitted:
+    """model.fit for cfg.train.epochs, continuing from run_dir's checkpoint when it has one.
+
+    Every epoch publishes its state (flowers.checkpoint), its times (progress.json) and its history
+    row, so an interrupted run resumes at the last finished epoch with the batches it would have read.
+    """
+    say = progress or (lambda line: None)
     backup_dir = run_dir / "backup"
     first_epoch = restored_epoch(backup_dir)
     if first_epoch:
         say(f"resume: {first_epoch} of {cfg.train.epochs} epochs done; continuing")
+    timer = EpochTimer(run_dir / "progress.json")
     fit_callbacks = [
         # First, so the restored epoch is known before the other callbacks start.
-        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+        EpochCheckpoint(backup_dir),
         timer,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, profile_batch=0),
         *([EpochProgress(progress, cfg.train.epochs)] if progress else []),
         *callbacks,
     ]
-
-    with HostMemorySampler() as host_memory:
-        backend.reset_peak_device_memory(backend_name)
-        if cfg.train.cache_features:
-            say("features: computing the frozen backbone's features once (train.cache_features)")
-            start = time.perf_counter()
-            fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, first_epoch)
-            feature_extraction_s = time.perf_counter() - start
-            compile_model(fit_model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
-        else:
-            fit_model, val_data = model, splits.val
-            train_data = splits.train_epochs(first_epoch, cfg.train.epochs)
-            feature_extraction_s = None
-        say(f"train: {cfg.train.epochs - first_epoch} epoch(s) of {splits.steps_per_epoch} steps "
-            f"under {backend_name}")
-        fit_model.fit(train_data, validation_data=val_data, epochs=cfg.train.epochs,
-                      steps_per_epoch=splits.steps_per_epoch, callbacks=fit_callbacks,
-                      shuffle=False, verbose=2 if progress is None else 0)
-        # The full model (backbone + the head just trained) is what gets evaluated and timed,
-        # after one untimed batch: in feature-cache runs it has not been traced yet, in
-        # standard runs it has (validation), and eval_time_s must mean the same in both.
-        say("evaluate: validation split, then latency")
-        model.evaluate(splits.val.take(1), verbose=0)
+    num_classes = len(splits.class_names)
+    if cfg.train.cache_features:
+        say("features: computing the frozen backbone's features once (train.cache_features)")
         start = time.perf_counter()
-        scores = model.evaluate(splits.val, return_dict=True, verbose=0)
-        eval_time_s = time.perf_counter() - start
-        sample_images = next(iter(splits.val))[0].numpy()
-        # timed on what users deploy: the model that returns probabilities
-        latency = latency_ms(with_probabilities(model).predict_on_batch, sample_images,
-                             cfg.train.latency_repeats)
-    peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
+        fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, first_epoch)
+        feature_extraction_s = time.perf_counter() - start
+        compile_model(fit_model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
+    else:
+        fit_model, val_data = model, splits.val
+        train_data = splits.train_epochs(first_epoch, cfg.train.epochs)
+        feature_extraction_s = None
+    say(f"train: {cfg.train.epochs - first_epoch} epoch(s) of {splits.steps_per_epoch} steps "
+        f"under {backend_name}")
+    fit_model.fit(train_data, validation_data=val_data, epochs=cfg.train.epochs,
+                  steps_per_epoch=splits.steps_per_epoch, callbacks=fit_callbacks,
+                  shuffle=False, verbose=2 if progress is None else 0)
+    return Fitted(timer, bool(model.jit_compile), feature_extraction_s)
 
+
+def measure(model: keras.Model, splits: data.Splits, cfg: Experiment) -> Measured:
+    """Evaluate the full model on the validation split, then time predictions (metrics.py's method).
+
+    The full model (backbone + the head just trained) is what gets evaluated and timed, after one
+    untimed batch: in feature-cache runs it has not been traced yet, in standard runs it has
+    (validation), and eval_time_s must mean the same in both.
+    """
+    model.evaluate(splits.val.take(1), verbose=0)
+    start = time.perf_counter()
+    scores = model.evaluate(splits.val, return_dict=True, verbose=0)
+    eval_time_s = time.perf_counter() - start
+    sample_images = next(iter(splits.val))[0].numpy()
+    # timed on what users deploy: the model that returns probabilities
+    latency = latency_ms(with_probabilities(model).predict_on_batch, sample_images,
+                         cfg.train.latency_repeats)
+    return Measured(scores, eval_time_s, latency)
+
+
+def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Splits, fitted: Fitted,
+             measured: Measured, peak_host_rss_mb: float, resumed: bool) -> dict[str, Any]:
+    """metrics.json of a finished run (schema and method: flowers/metrics.py)."""
+    peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
+    timer = fitted.timer
     epoch_times = timer.epoch_times_s(cfg.train.epochs)
     warmup_epochs = sorted(timer.warmup_epochs)
     images_per_s, speed_reason = throughput(splits.num_train, epoch_times, warmup_epochs)
@@ -179,48 +238,39 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     null_reasons = {k: r for k, r in (("peak_device_mem_mb", device_reason),
                                        ("train_images_per_s", speed_reason),
                                        ("feature_extraction_s", feature_reason)) if r}
-    metrics = build_metrics({
+    return build_metrics({
         "experiment": cfg.name,
         "backend": backend_name,
         **backend.versions(backend_name),
         "device": backend.device(backend_name),
         "host": host.host_info(),
         "config_hash": cfg.config_hash(),
-        "run_id": run_id,
+        "run_id": files.read_json(run_dir / "config.json")["run_id"],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "resumed": resume_dir is not None,
+        "resumed": resumed,
         "num_train": splits.num_train,
         "num_val": splits.num_val,
-        "num_classes": num_classes,
+        "num_classes": len(splits.class_names),
         "skipped_files": len(splits.skipped_files),
         "data_cached": splits.cached,
         "data_format": resolve_data_format(cfg.model.data_format),
-        "jit_compile": bool(model.jit_compile),
+        "jit_compile": fitted.jit_compile,
         "dtype_policy": cfg.train.dtype_policy,
         "epochs": cfg.train.epochs,
-        "feature_extraction_s": feature_extraction_s,
-        "train_time_s": timer.total_wall_s(cfg.train.epochs) + (feature_extraction_s or 0.0),
+        "feature_extraction_s": fitted.feature_extraction_s,
+        "train_time_s": timer.total_wall_s(cfg.train.epochs) + (fitted.feature_extraction_s or 0.0),
         "epoch_times_s": epoch_times,
         "first_epoch_s": epoch_times[0],
         "warmup_epochs": warmup_epochs,
         "train_images_per_s": images_per_s,
-        "peak_host_rss_mb": host_memory.peak_mb,
+        "peak_host_rss_mb": peak_host_rss_mb,
         "peak_device_mem_mb": peak_device_mb,
-        "eval_time_s": eval_time_s,
-        "latency_ms": latency,
-        "val_loss": float(scores["loss"]),
-        "val_accuracy": float(scores["accuracy"]),
-        "val_top5_accuracy": float(scores["top5_accuracy"]),
+        "eval_time_s": measured.eval_time_s,
+        "latency_ms": measured.latency_ms,
+        "val_loss": float(measured.scores["loss"]),
+        "val_accuracy": float(measured.scores["accuracy"]),
+        "val_top5_accuracy": float(measured.scores["top5_accuracy"]),
     }, null_reasons)
-    if splits.skipped_files:
-        runs.write_json(run_dir / "skipped_files.json", splits.skipped_files)
-    runs.write_json(run_dir / "metrics.json", metrics)
-    _dedupe_history(run_dir / "history.csv")
-    save_model(portable(model, cfg.model, cfg.data.image_size, num_classes), run_dir / "model.keras",
-               splits.class_names)
-    shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    (run_dir / "progress.json").unlink(missing_ok=True)
-    return runs.finalize(run_dir)
 
 
 def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment,
@@ -244,15 +294,6 @@ def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment
     return (head(model),
             data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch, cfg.train.epochs),
             data.in_order(val_features, batch))
-
-
-def restored_epoch(backup_dir: Path) -> int:
-    """The epoch keras.callbacks.BackupAndRestore will resume from (0 when nothing is saved).
-
-    The training data starts at that epoch's order, so it is read before fit() restores it.
-    """
-    metadata = backup_dir / "training_metadata.json"
-    return int(runs.read_json(metadata)["epoch"]) if metadata.is_file() else 0
 
 
 def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:

@@ -1,0 +1,67 @@
+"""The per-epoch state an interrupted run resumes from, published whole through flowers.files.
+
+keras.callbacks.BackupAndRestore writes its weights and then its training_metadata.json in place, so
+a kill between or during the two writes leaves a file that cannot be read, or weights one epoch
+ahead of the epoch counter (the resumed run would then train that epoch twice). Here each epoch's
+state is written into a staging directory and renamed to backup/epoch-<N>/ when both files are in
+it; the newest complete epoch-<N> is what a resume restores, and older ones are deleted after it.
+
+Import only after flowers.backend.select(): it imports keras.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import keras
+
+from flowers import files
+
+WEIGHTS_FILE = "latest.weights.h5"
+METADATA_FILE = "training_metadata.json"
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+
+
+def latest_state(backup_dir: Path) -> Path | None:
+    """The newest complete backup/epoch-<N>/ directory, None when there is none."""
+    found = [(int(m.group(1)), p) for p in backup_dir.glob("epoch-*")
+             if (m := _EPOCH_DIR.match(p.name)) and (p / METADATA_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def restored_epoch(backup_dir: Path) -> int:
+    """The epoch a resumed run starts at (0 when nothing is saved).
+
+    The training data starts at that epoch's order, so it is read before fit() restores the state.
+    """
+    state = latest_state(backup_dir)
+    return int(files.read_json(state / METADATA_FILE)["epoch"]) if state else 0
+
+
+class EpochCheckpoint(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose state is one directory per epoch, published atomically.
+
+    Restoring is BackupAndRestore's own (weights and optimizer state, then the initial epoch);
+    only where it reads and how it writes change.
+    """
+
+    def __init__(self, backup_dir: Path):
+        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False,
+                         double_checkpoint=False)
+        self._backup = Path(backup_dir)
+        state = latest_state(self._backup) or self._backup / "none"
+        self._weights_path = str(state / WEIGHTS_FILE)
+        self._training_metadata_path = str(state / METADATA_FILE)
+
+    def _save_model(self):
+        with files.staging_dir(self._backup) as staging:
+            self.model.save_weights(str(staging / WEIGHTS_FILE))
+            files.write_json(staging / METADATA_FILE,
+                             {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+            final = files.publish_dir(staging, self._backup / f"epoch-{self._current_epoch}",
+                                      replace=True)
+        for old in self._backup.glob("epoch-*"):
+            if old != final and _EPOCH_DIR.match(old.name):
+                shutil.rmtree(old, ignore_errors=True)
