@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from flowers import __version__, backend, config, host, runs, weights
+from flowers import __version__, backend, config, files, host, runs, weights
 from flowers.errors import FlowersError
 
 DEFAULT_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
@@ -99,7 +99,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     from flowers.train import train as run_training
 
     run_dir = run_training(exp, name, root, resume_dir=resume_dir, progress=click.echo)
-    metrics = runs.read_json(run_dir / "metrics.json")
+    metrics = files.read_json(run_dir / "metrics.json")
     click.echo(f"val_accuracy={metrics['val_accuracy']:.4f} val_loss={metrics['val_loss']:.4f} "
                f"train_time_s={metrics['train_time_s']:.1f} device={metrics['device']}")
     click.echo(str(run_dir))
@@ -386,7 +386,7 @@ def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, 
     result = load.run_loadtest(settings, photos)
     if out_file:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        runs.write_json(out_file, result)
+        files.write_json(out_file, result)
     click.echo(load.render_table(result))
 
 

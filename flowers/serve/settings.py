@@ -148,7 +148,7 @@ def resolve_target(path: str | Path, runtime: str | None, backend_name: str | No
 
 
 def _read_manifest(path: Path) -> dict:
-    from flowers.runs import read_json
+    from flowers.files import read_json
 
     manifest = read_json(path)
     if not isinstance(manifest, dict):
@@ -172,7 +172,7 @@ def _name_of_model(path: Path) -> tuple[str, int]:
         return str(manifest.get("experiment") or folder.parent.name), _version(manifest, folder)
     run_config = folder / "config.json"
     if run_config.is_file():
-        from flowers.runs import read_json
+        from flowers.files import read_json
 
         raw = read_json(run_config)
         experiment = raw.get("experiment") if isinstance(raw, dict) else None
