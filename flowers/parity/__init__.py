@@ -1,7 +1,7 @@
 """`flowers parity`: the same weights and real photos give the same numbers under every backend.
 
 check      the orchestration, the comparison and its targets, parity.json, the report's table
-worker     one backend's side (predict, then train from the saved init), in its own process
+worker     one backend's side (predict, then train from the saved init), a one-shot child process
 """
 
 from flowers.parity.check import (

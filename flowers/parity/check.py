@@ -25,15 +25,13 @@ Compared with the reference backend:
   as a share of how far training moved the weights.
 
 Images, architecture and optimiser settings come from experiments/flowers12.toml (weights "none",
-so nothing is downloaded). This module imports keras only inside the worker processes.
+so nothing is downloaded). Each backend's side runs in flowers.parity.worker, a one-shot child
+process (workers.run_worker); keras is imported only there.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config
+from flowers import backend, config, files, tables, workers
 from flowers.errors import FlowersError
 
 PARITY_EXPERIMENT = "flowers12"
@@ -61,8 +59,7 @@ PARITY_LEARNING_RATE = 1e-3
 CLIP_EPSILON = 1e-7
 DEFAULT_BACKENDS = backend.BACKENDS
 PARITY_FILE = "parity.json"
-INIT_WEIGHTS_FILE = "init.weights.h5"
-INPUTS_FILE = "inputs.npz"
+WORKER_MODULE = "flowers.parity.worker"
 
 
 def parse_backends(text: str) -> list[str]:
@@ -124,6 +121,7 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
 
     with tempfile.TemporaryDirectory(prefix="flowers-parity-") as tmp:
         work_dir = Path(tmp)
+        arrays_files = {name: work_dir / f"{name}.npz" for name in backends}
         spec = {
             "work_dir": str(work_dir),
             "experiment": experiment.to_dict(),
@@ -137,9 +135,10 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
             step(f"{name} ({index + 1}/{len(backends)}): {role}predicting {len(forward_files)} "
                  f"photos, training {TRAIN_STEPS} steps at {image_size} px")
             start = time.perf_counter()
-            outputs[name] = _run_worker({**spec, "backend": name, "create": index == 0}, work_dir)
+            request = {**spec, "create": index == 0, "arrays": str(arrays_files[name])}
+            outputs[name] = workers.run_worker(WORKER_MODULE, name, request, work_dir, "parity")
             step(f"{name} done in {time.perf_counter() - start:.0f} s")
-        arrays = {name: dict(np.load(work_dir / f"{name}.npz")) for name in backends}
+        arrays = {name: dict(np.load(path)) for name, path in arrays_files.items()}
 
     reference = backends[0]
     ref = arrays[reference]
@@ -199,10 +198,7 @@ def write_parity(result: dict[str, Any], out_dir: Path) -> Path:
     """Write out_dir/parity.json (replaced whole, never half-written); returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PARITY_FILE
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=".parity-", suffix=".json",
-                                     delete=False) as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    os.replace(f.name, path)
+    files.write_json(path, result)
     return path
 
 
@@ -210,7 +206,7 @@ def read_parity(path: Path) -> dict[str, Any] | None:
     """A parity.json written by write_parity, None when absent; FlowersError when corrupt."""
     if not path.is_file():
         return None
-    try:
+    try:  # not files.read_json: a corrupt file gets this function's own message, with its remedy
         result = json.loads(path.read_text())
         _ = (result["reference"], result["image_size"], result["passed"])
         for row in result["results"]:
@@ -224,22 +220,15 @@ def read_parity(path: Path) -> dict[str, Any] | None:
 
 def format_table(result: dict[str, Any]) -> str:
     """The parity result as a markdown table (printed by the CLI, embedded in the report)."""
-    ref = result["reference"]
-    lines = [
-        f"| vs {ref} | max abs Δprob | top-1 agreement | max abs Δloss | max abs Δweight "
-        "| weight drift / update | target met |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
     failed = {line.split(":")[0] for line in result["failures"]}
-    for row in result["results"]:
-        drift = row["weight_drift_vs_update"]
-        lines.append(
-            f"| {row['backend']} | {row['max_abs_prob_diff']:.1e} | {row['top1_agreement']:.0%} "
-            f"| {row['max_abs_loss_diff']:.1e} | {row['max_abs_weight_diff']:.1e} "
-            f"| {'n/a' if drift is None else f'{drift:.1e}'} "
-            f"| {'no' if row['backend'] in failed else 'yes'} |"
-        )
-    return "\n".join(lines)
+    return tables.markdown_table(
+        [f"vs {result['reference']}", "max abs Δprob", "top-1 agreement", "max abs Δloss",
+         "max abs Δweight", "weight drift / update", "target met"],
+        ([row["backend"], f"{row['max_abs_prob_diff']:.1e}", f"{row['top1_agreement']:.0%}",
+          f"{row['max_abs_loss_diff']:.1e}", f"{row['max_abs_weight_diff']:.1e}",
+          "n/a" if row["weight_drift_vs_update"] is None else f"{row['weight_drift_vs_update']:.1e}",
+          "no" if row["backend"] in failed else "yes"] for row in result["results"]),
+        align="lrrrrrl")
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -303,87 +292,3 @@ def _compare(name: str, arrays: dict[str, np.ndarray], ref: dict[str, np.ndarray
         "weight_drift_vs_update": float(np.linalg.norm(diff)) / update_norm if update_norm else None,
         "losses": [float(v) for v in arrays["losses"]],
     }
-
-
-def _run_worker(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
-    """Run one backend's worker in a fresh process; returns what it reports about itself."""
-    spec_path = work_dir / f"{spec['backend']}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    done = subprocess.run([sys.executable, "-m", "flowers.parity.check", str(spec_path)],
-                          capture_output=True, text=True, env=env)
-    report_path = work_dir / f"{spec['backend']}.json"
-    if done.returncode != 0 or not report_path.is_file():
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-        reason = (errors or lines or [f"exit status {done.returncode}"])[-1]
-        raise FlowersError(f"parity under {spec['backend']} failed: {reason}")
-    return json.loads(report_path.read_text())
-
-
-def _worker(spec: dict[str, Any]) -> None:
-    """One backend's side of the check (runs in its own process, see _run_worker)."""
-    name = backend.select(spec["backend"])
-    backend.hide_gpus_from_tensorflow(name)
-    import keras
-
-    from flowers.model import build_model, compile_model, with_probabilities
-
-    work_dir = Path(spec["work_dir"])
-    experiment = config.from_dict(spec["experiment"])
-    size, num_classes = experiment.data.image_size, spec["num_classes"]
-    keras.utils.set_random_seed(experiment.train.seed)
-    model = build_model(experiment.model, size, num_classes)
-    if spec["create"]:
-        from flowers.data import load_image_files
-
-        train_files = [f for step in spec["train_steps"] for f in step]
-        np.savez(work_dir / INPUTS_FILE,
-                 forward=load_image_files(spec["forward_files"], size),
-                 train=load_image_files(train_files, size),
-                 train_labels=np.tile(np.arange(num_classes, dtype=np.int32), len(spec["train_steps"])))
-        model.save_weights(work_dir / INIT_WEIGHTS_FILE)
-    model.load_weights(work_dir / INIT_WEIGHTS_FILE)
-    inputs = np.load(work_dir / INPUTS_FILE)
-
-    def trainable() -> dict[str, np.ndarray]:
-        return {f"{i:03d}": keras.ops.convert_to_numpy(v.value)
-                for i, v in enumerate(model.trainable_variables)}
-
-    # model returns logits (what trains); users see the probabilities
-    predictor = with_probabilities(model)
-    probs = keras.ops.convert_to_numpy(predictor.predict_on_batch(inputs["forward"].astype(np.float32)))
-    init = trainable()
-    compile_model(model, experiment.train.learning_rate, num_classes)
-    batches = zip(np.split(inputs["train"].astype(np.float32), len(spec["train_steps"])),
-                  np.split(inputs["train_labels"], len(spec["train_steps"])), strict=True)
-    losses, clipped = [], []
-    for x, y in batches:
-        # Photos whose true-class probability is below keras' epsilon before this step: where a
-        # cross-entropy from probabilities would be clipped under torch and jax.
-        p_true = keras.ops.convert_to_numpy(predictor.predict_on_batch(x))[np.arange(len(y)), y]
-        clipped.append(int((p_true < CLIP_EPSILON).sum()))
-        losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
-    trained = trainable()
-    np.savez(work_dir / f"{name}.npz", probs=probs, losses=np.asarray(losses),
-             clipped=np.asarray(clipped),
-             **{f"init_{k}": v for k, v in init.items()},
-             **{f"trained_{k}": v for k, v in trained.items()})
-    (work_dir / f"{name}.json").write_text(json.dumps({
-        "device": backend.device(name),
-        "data_format": model.get_layer("avg_pool").data_format,
-        "jit_compile": bool(model.jit_compile),
-        **backend.versions(name),
-    }))
-
-
-def _worker_main(argv: list[str]) -> None:
-    try:
-        _worker(json.loads(Path(argv[0]).read_text()))
-    except FlowersError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])

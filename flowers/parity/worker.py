@@ -1,0 +1,83 @@
+"""One backend's side of `flowers parity`, run as a one-shot child (workers.run_worker).
+
+The request names the shared work folder, the experiment, the photos and whether this backend is
+the reference ("create"): the reference builds the model, saves its initial weights and the decoded
+photos there; every backend (the reference too) loads those, predicts the forward photos, trains the
+steps, and writes its arrays (probabilities, losses, clipped counts, trainable weights before and
+after) to the request's "arrays" file. The result is what the backend reports about itself (device,
+data format, jit, versions): parity.json's "runs". workers.worker_main has selected the request's
+backend before run() is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowers import backend, config, workers
+from flowers.parity.check import CLIP_EPSILON
+
+INIT_WEIGHTS_FILE = "init.weights.h5"
+INPUTS_FILE = "inputs.npz"
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    """Predict, then train from the saved init, under request["backend"] (see the module docstring)."""
+    import keras
+
+    from flowers.model import build_model, compile_model, with_probabilities
+
+    name = request["backend"]
+    work_dir = Path(request["work_dir"])
+    experiment = config.from_dict(request["experiment"])
+    size, num_classes = experiment.data.image_size, request["num_classes"]
+    keras.utils.set_random_seed(experiment.train.seed)
+    model = build_model(experiment.model, size, num_classes)
+    if request["create"]:
+        from flowers.data import load_image_files
+
+        train_files = [f for step in request["train_steps"] for f in step]
+        np.savez(work_dir / INPUTS_FILE,
+                 forward=load_image_files(request["forward_files"], size),
+                 train=load_image_files(train_files, size),
+                 train_labels=np.tile(np.arange(num_classes, dtype=np.int32),
+                                      len(request["train_steps"])))
+        model.save_weights(work_dir / INIT_WEIGHTS_FILE)
+    model.load_weights(work_dir / INIT_WEIGHTS_FILE)
+    inputs = np.load(work_dir / INPUTS_FILE)
+
+    def trainable() -> dict[str, np.ndarray]:
+        return {f"{i:03d}": keras.ops.convert_to_numpy(v.value)
+                for i, v in enumerate(model.trainable_variables)}
+
+    # model returns logits (what trains); users see the probabilities
+    predictor = with_probabilities(model)
+    probs = keras.ops.convert_to_numpy(predictor.predict_on_batch(inputs["forward"].astype(np.float32)))
+    init = trainable()
+    compile_model(model, experiment.train.learning_rate, num_classes)
+    batches = zip(np.split(inputs["train"].astype(np.float32), len(request["train_steps"])),
+                  np.split(inputs["train_labels"], len(request["train_steps"])), strict=True)
+    losses, clipped = [], []
+    for x, y in batches:
+        # Photos whose true-class probability is below keras' epsilon before this step: where a
+        # cross-entropy from probabilities would be clipped under torch and jax.
+        p_true = keras.ops.convert_to_numpy(predictor.predict_on_batch(x))[np.arange(len(y)), y]
+        clipped.append(int((p_true < CLIP_EPSILON).sum()))
+        losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
+    trained = trainable()
+    np.savez(request["arrays"], probs=probs, losses=np.asarray(losses),
+             clipped=np.asarray(clipped),
+             **{f"init_{k}": v for k, v in init.items()},
+             **{f"trained_{k}": v for k, v in trained.items()})
+    return {
+        "device": backend.device(name),
+        "data_format": model.get_layer("avg_pool").data_format,
+        "jit_compile": bool(model.jit_compile),
+        **backend.versions(name),
+    }
+
+
+if __name__ == "__main__":
+    workers.worker_main(run=run)
