@@ -19,15 +19,13 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowers import backend, config, parity, runs
+from flowers import backend, config, files, parity, runs, tables
 from flowers.errors import FlowersError
 from flowers.metrics import read_metrics
 
@@ -151,7 +149,7 @@ def newest_runs(root: Path, experiment: str) -> tuple[list[Path], list[str]]:
 
 def _configuration(run_dir: Path) -> str:
     """What must match for two runs to be compared: settings (paths by place) and device."""
-    experiment = runs.read_json(run_dir / "config.json")["experiment"]
+    experiment = files.read_json(run_dir / "config.json")["experiment"]
     settings = {k: config.same_place(k, v) for k, v in config.settings(experiment).items()}
     device = device_label(read_metrics(run_dir / "metrics.json"))
     return json.dumps([settings, device], sort_keys=True, default=str)
@@ -159,8 +157,8 @@ def _configuration(run_dir: Path) -> str:
 
 def _how_it_differs(reference: Path, other: Path) -> str:
     """"train.epochs: 8 vs 1; device: cpu (...) vs NVIDIA L4" (empty when the same)."""
-    a = runs.read_json(reference / "config.json")["experiment"]
-    b = runs.read_json(other / "config.json")["experiment"]
+    a = files.read_json(reference / "config.json")["experiment"]
+    b = files.read_json(other / "config.json")["experiment"]
     parts = [f"{key}: {left!r} vs {right!r}" for key, left, right in config.differences(a, b)]
     devices = [device_label(read_metrics(p / "metrics.json")) for p in (reference, other)]
     if devices[0] != devices[1]:
@@ -268,32 +266,20 @@ def accuracy_spread(run_list: Sequence[Run]) -> dict[str, Any]:
 def write_report(comparison: dict[str, Any], run_list: Sequence[Run], out_root: Path) -> Path:
     """Write the report into out_root/<experiment>/, replacing any previous one whole.
 
-    Everything is written into a temporary directory beside it first, so a failure leaves the
-    previous report (or nothing), never a partial one.
+    Everything is written into a staging directory beside it first (files.staging_dir) and swapped
+    in whole (files.publish_dir), so a failure leaves the previous report (or nothing), never a
+    partial one.
 
     Returns:
         The report directory.
     """
-    out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / comparison["experiment"]
-    staging = runs.make_public_dir(out_root, f".{final.name}-")
-    try:
-        charts = _write_charts(comparison, run_list, staging)
-        comparison["charts"] = charts
-        (staging / "comparison.md").write_text(render_markdown(comparison))
-        (staging / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    with files.staging_dir(out_root, f".{final.name}-") as staging:
+        comparison["charts"] = _write_charts(comparison, run_list, staging)
+        files.write_text(staging / "comparison.md", render_markdown(comparison))
+        files.write_json(staging / "comparison.json", comparison)
         _write_csv(comparison, staging / "comparison.csv")
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=out_root))
-            final.rename(old / final.name)
-        staging.rename(final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+        return files.publish_dir(staging, final, replace=True)
 
 
 def compare(run_dirs: Sequence[str | Path], out_root: Path,
@@ -320,7 +306,6 @@ def device_label(metrics: dict[str, Any]) -> str:
 def render_markdown(comparison: dict[str, Any]) -> str:
     """comparison.md from a comparison dict (charts listed under comparison["charts"])."""
     columns = comparison["columns"]
-    labels = [c["label"] for c in columns]
     lines = [f"# Backend comparison: {comparison['experiment']}", ""]
     if comparison["mixed"]:
         lines += [f"> **MIXED RUNS (--allow-mixed)**: {'; '.join(comparison['mixed'])}. "
@@ -339,33 +324,9 @@ def render_markdown(comparison: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        "| metric | " + " | ".join(labels) + " |",
-        "| --- |" + " ---: |" * len(labels),
     ]
-    if comparison["mixed"]:
-        for key, title in (("device", "device"), ("config_hash", "config hash")):
-            lines.append(f"| **{title} (mixed)** | " + " | ".join(str(c[key]) for c in columns) + " |")
-    for key, title in SETUP_KEYS:
-        if any(c.get(key) is not None for c in columns):
-            lines.append(f"| {title} | " + " | ".join(_setup_value(c.get(key)) for c in columns) + " |")
-    footnotes: list[str] = []
-    for row in comparison["rows"]:
-        arrow = "↓" if row["better"] == "lower" else "↑"
-        cells = []
-        for label in labels:
-            value = row["values"][label]
-            if value is None:
-                reason = row["null_reasons"][label]
-                if reason not in footnotes:
-                    footnotes.append(reason)
-                cells.append(f"n/a [{footnotes.index(reason) + 1}]")
-            elif label in row["best"]:
-                cells.append(f"**{_format(value, row['decimals'])}** best")
-            else:
-                ratio = row["ratio_to_best"][label]
-                cells.append(_format(value, row["decimals"])
-                             + ("" if ratio is None else f" ({ratio:.2f}×)"))
-        lines.append(f"| {row['title']} {arrow} | " + " | ".join(cells) + " |")
+    table, footnotes = results_table(comparison)
+    lines.append(table)
     lines += [
         "",
         "↓ lower is better, ↑ higher is better; **bold** = best; (1.60×) = value ÷ best. "
@@ -391,15 +352,49 @@ def render_markdown(comparison: dict[str, Any]) -> str:
 
 def render_table(comparison: dict[str, Any]) -> str:
     """Just the results table of comparison.md (what the CLI prints)."""
-    text = render_markdown(comparison)
-    start = text.index("| metric |")
-    return text[start:text.index("\n\n", start)]
+    return results_table(comparison)[0]
+
+
+def results_table(comparison: dict[str, Any]) -> tuple[str, list[str]]:
+    """comparison.md's results table: a row per metric, a column per run; and its footnotes.
+
+    A value that was not measured shows "n/a [i]", where footnotes[i - 1] is the reason.
+    """
+    columns = comparison["columns"]
+    labels = [c["label"] for c in columns]
+    rows = []
+    if comparison["mixed"]:
+        for key, title in (("device", "device"), ("config_hash", "config hash")):
+            rows.append([f"**{title} (mixed)**", *(str(c[key]) for c in columns)])
+    for key, title in SETUP_KEYS:
+        if any(c.get(key) is not None for c in columns):
+            rows.append([title, *(_setup_value(c.get(key)) for c in columns)])
+    footnotes: list[str] = []
+    for row in comparison["rows"]:
+        arrow = "↓" if row["better"] == "lower" else "↑"
+        cells = []
+        for label in labels:
+            value = row["values"][label]
+            if value is None:
+                reason = row["null_reasons"][label]
+                if reason not in footnotes:
+                    footnotes.append(reason)
+                cells.append(f"n/a [{footnotes.index(reason) + 1}]")
+            elif label in row["best"]:
+                cells.append(f"**{_format(value, row['decimals'])}** best")
+            else:
+                ratio = row["ratio_to_best"][label]
+                cells.append(_format(value, row["decimals"])
+                             + ("" if ratio is None else f" ({ratio:.2f}×)"))
+        rows.append([f"{row['title']} {arrow}", *cells])
+    table = tables.markdown_table(["metric", *labels], rows, align="l" + "r" * len(labels))
+    return table, footnotes
 
 
 def _mixed(loaded: list[tuple[Path, dict[str, Any]]]) -> list[str]:
     """How the runs differ: each differing setting, and the device, with the runs that have each value."""
     names = [f"{m['backend']} {m['run_id']}" for _, m in loaded]
-    experiments = [runs.read_json(p / "config.json")["experiment"] for p, _ in loaded]
+    experiments = [files.read_json(p / "config.json")["experiment"] for p, _ in loaded]
     flat = [config.settings(e) for e in experiments]
     differing = {key for e in experiments[1:] for key, _, _ in config.differences(experiments[0], e)}
     reasons = [f"different settings ({key}: "

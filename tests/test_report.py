@@ -230,14 +230,14 @@ def test_a_failed_write_keeps_the_previous_report(smoke_runs, tmp_path, monkeypa
 
 def _generated_run(root, backend, run_id, overrides=(), device="cpu", val_accuracy=0.5):
     """A complete run directory with a metrics.json of the real schema (nothing trained)."""
-    from flowers import config, runs
+    from flowers import config, files
     from flowers.metrics import build_metrics
 
     experiment = config.load_experiment("smoke", overrides)
     run = root / "smoke" / backend / run_id
     run.mkdir(parents=True)
-    runs.write_json(run / "config.json", {"run_id": run_id, "backend": backend,
-                                          "experiment": experiment.to_dict()})
+    files.write_json(run / "config.json", {"run_id": run_id, "backend": backend,
+                                           "experiment": experiment.to_dict()})
     epochs = experiment.train.epochs
     values = {
         "experiment": "smoke", "backend": backend, "backend_version": "1.0", "keras_version": "3",
@@ -258,7 +258,7 @@ def _generated_run(root, backend, run_id, overrides=(), device="cpu", val_accura
                "feature_extraction_s": "train.cache_features is off"}
     if epochs == 1:
         reasons["train_images_per_s"] = "needs at least 2 epochs"
-    runs.write_json(run / "metrics.json", build_metrics(values, reasons))
+    files.write_json(run / "metrics.json", build_metrics(values, reasons))
     (run / "history.csv").write_text("epoch,val_accuracy,val_loss\n"
                                      + "".join(f"{e},{val_accuracy},1.0\n" for e in range(epochs)))
     (run / "model.keras").write_bytes(b"")
