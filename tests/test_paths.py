@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import PROJECT_ROOT, one_line_error
-from flowers import config, runs
+from flowers import config, files, runs
 from flowers.data import scan_folder
 from flowers.errors import FlowersError
 from flowers.export import run as export
@@ -89,10 +89,10 @@ def test_published_directories_get_the_umask_permissions(tmp_path):
     assert _mode(runs.finalize(run)) == expected
     # an export version and a report folder: staged with the helper export and report use, then
     # published by their own code
-    staging = runs.make_public_dir(tmp_path / "exports" / "smoke", export.STAGING_PREFIX)
+    staging = files.make_public_dir(tmp_path / "exports" / "smoke", files.INCOMPLETE_PREFIX)
     version = export._publish(staging, staging.parent, {"experiment": "smoke"})
     assert version.name == "v1" and _mode(version) == expected
-    assert _mode(runs.make_public_dir(tmp_path / "reports", ".smoke-")) == expected
+    assert _mode(files.make_public_dir(tmp_path / "reports", ".smoke-")) == expected
 
 
 def test_export_run_publishes_a_readable_version(tmp_path, monkeypatch):
@@ -102,7 +102,7 @@ def test_export_run_publishes_a_readable_version(tmp_path, monkeypatch):
         if not (run / name).exists():
             (run / name).write_text("{}")
     run = runs.finalize(run)
-    monkeypatch.setattr(export, "_hide_gpus_from_tensorflow", lambda: None)
+    monkeypatch.setattr(export, "_use_tensorflow_on_cpu", lambda: None)
     monkeypatch.setattr(export, "verification_images", lambda experiment: ([0] * 32, "fake"))
 
     def write(run_dir, backend, formats, writers, images, staging, scratch, repeats, step):

@@ -7,31 +7,30 @@ format is written and verified, so a v<N> directory is always complete; N is one
 highest existing version, and an existing version is never written again.
 
 Any training backend reaches every format: each format is written by the Keras backend that exports
-it best (WRITERS), in a process of its own (flowers/export_worker.py) that reloads model.keras.
+it best (WRITERS), in a process of its own (flowers/export/worker.py, started through
+flowers.workers) that reloads model.keras.
 
-Verification: every exported file is opened in its own runtime (flowers/runtimes.py) -- .keras under
-each installed Keras backend, the SavedModel with tf.saved_model (both signatures), ONNX with
-onnxruntime, .tflite with the LiteRT interpreter -- and run on the same real images (the source run's
-validation images, VERIFICATION_IMAGES of them). The reference is model.keras under the backend that
-trained it. Every format is float32, so each must agree on the top-1 class for every image and stay
-within MAX_ABS_PROB_DIFF of the reference's probabilities; one that does not fails the export.
-Batch-1 latency p50 is recorded per runtime. All of it runs on the CPU, where the deployment runtimes
-run and where float32 results are not blurred by TF32 GPU math.
+Verification: every exported file is opened in its own runtime (flowers/export/runtimes.py) --
+.keras under each installed Keras backend, the SavedModel with tf.saved_model (both signatures),
+ONNX with onnxruntime, .tflite with the LiteRT interpreter -- and run on the same real images (the
+source run's validation images, VERIFICATION_IMAGES of them). The reference is model.keras under
+the backend that trained it. Every format is float32, so each must agree on the top-1 class for
+every image and stay within MAX_ABS_PROB_DIFF of the reference's probabilities; one that does not
+fails the export. Batch-1 latency p50 is recorded per runtime. All of it runs on the CPU, where the
+deployment runtimes run and where float32 results are not blurred by TF32 GPU math.
+
+Everything a user typed is checked first (check_request: the run, the formats, their toolchains, the
+dtype policy), in about a second and before anything is created under the exports root.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
-import importlib.util
-import json
 import os
 import platform
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -40,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from flowers import __version__, backend, data, runs
+from flowers import __version__, backend, data, files, host, runs, tables, workers
 from flowers.config import PROJECT_ROOT, Experiment
 from flowers.errors import FlowersError
 from flowers.export import runtimes
 from flowers.export.runtimes import EXPORT_EXTRA, FORMAT_PATHS, FORMATS, MANIFEST
+from flowers.metrics import LATENCY_WARMUP_CALLS
 
 # format -> ((backend, modules its writer imports), ...), best first; keras is a copy of the run's
 # file. torch writes ONNX in ~12 s where tf2onnx (the tensorflow route) takes ~50 s for the same
@@ -66,7 +66,6 @@ TARGETS = {
 VERIFICATION_IMAGES = 64
 MIN_VERIFICATION_IMAGES = 32
 MAX_ABS_PROB_DIFF = 1e-4
-STAGING_PREFIX = ".incomplete-"
 VERSION_NAME = re.compile(r"^v(\d+)$")
 # Distributions whose versions go into the manifest.
 PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib", "numpy", "onnx",
@@ -92,6 +91,29 @@ def parse_formats(text: str | Iterable[str]) -> list[str]:
     return [f for f in FORMATS if f in names]
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+    """A checked `flowers export` request: the source run and what to write it to, with what."""
+
+    run_dir: Path
+    experiment: Experiment
+    run_config: dict[str, Any]  # the run's config.json
+    formats: list[str]  # in FORMATS order
+    writers: dict[str, str]  # format -> the backend whose process writes it (keras: none, a copy)
+
+
+@dataclasses.dataclass
+class ExportRecord:
+    """An export version being written: everything its manifest.json describes."""
+
+    request: ExportRequest
+    staging: Path  # where the version's files are until it is published
+    images: int  # how many verification images every runtime ran
+    images_from: str
+    write_info: dict[str, dict[str, Any]]  # format -> written_by, write_s
+    results: list[dict[str, Any]]  # one per format and runtime (_write_and_verify)
+
+
 def plan_writers(formats: Iterable[str]) -> dict[str, str]:
     """format -> the backend whose process writes it; checks every needed tool is installed.
 
@@ -104,8 +126,8 @@ def plan_writers(formats: Iterable[str]) -> dict[str, str]:
         runtimes.require(runtimes.RUNTIME_MODULES[fmt], f"verifying format {fmt!r}")
         if fmt == "keras":
             continue
-        usable = [name for name, modules in WRITERS[fmt] if name in installed and
-                  all(_installed(m) for m in modules)]
+        usable = [name for name, modules in WRITERS[fmt]
+                  if name in installed and not runtimes.missing_modules(modules)]
         if not usable:
             options = " or ".join("+".join(modules) for _, modules in WRITERS[fmt])
             raise FlowersError(f"format {fmt!r} cannot be written: it needs {options}, not "
@@ -114,32 +136,41 @@ def plan_writers(formats: Iterable[str]) -> dict[str, str]:
     return plan
 
 
-def check_request(run_dir: str | Path, formats: str | Iterable[str] | None) -> list[str]:
-    """Everything a user typed, checked in a second: the run, the formats, their toolchains.
+def check_request(run_dir: str | Path, formats: str | Iterable[str] | None) -> ExportRequest:
+    """Everything a user typed, checked in a second: the run, the formats, their toolchains and
+    the run's dtype policy. Imports no ML framework and creates nothing.
 
-    Returns:
-        The format names (all of FORMATS when formats is None).
+    Args:
+        run_dir: the run to export.
+        formats: "keras,onnx", a list of names, or None for all of FORMATS.
+
+    Raises:
+        FlowersError: incomplete run, unknown format, missing toolchain, or a non-float32 run.
     """
-    runs.check_complete(run_dir)
+    run_dir = runs.check_complete(run_dir)
     names = parse_formats(FORMATS if formats is None else formats)
-    plan_writers(names)
-    experiment, _ = runs.read_run_config(Path(run_dir))
+    writers = plan_writers(names)
+    experiment, run_config = runs.read_run_config(run_dir)
     policy = getattr(experiment.train, "dtype_policy", "float32")
     if policy != "float32":
         # onnxruntime cannot run the bfloat16 graph such a model exports, and the 1e-4 agreement
         # between runtimes only holds in float32.
         raise FlowersError(f"{run_dir} was trained with train.dtype_policy={policy!r}; exports are "
                            "float32 only: train with train.dtype_policy=float32 to export")
-    return names
+    return ExportRequest(run_dir, experiment, run_config, names, writers)
 
 
-def export_run(run_dir: str | Path, formats: Iterable[str], out_root: Path,
+def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_root: Path,
                on_step: Callable[[str], None] | None = None) -> Path:
     """Export a complete run to `formats`, verify each in its runtime, publish exports/<exp>/v<N>.
 
+    The request is checked first (check_request), before any framework loads; then this process
+    selects the tensorflow backend, on the CPU, to decode the verification images and run the
+    SavedModel (Keras itself runs in one child process per backend).
+
     Args:
         run_dir: a complete run directory (with model.keras).
-        formats: names from FORMATS.
+        formats: "keras,onnx", names from FORMATS, or None for all of them.
         out_root: root of the versions (exports_root()).
         on_step: called with a short line before each slow step (the CLI prints them).
 
@@ -151,23 +182,18 @@ def export_run(run_dir: str | Path, formats: Iterable[str], out_root: Path,
             a format that failed verification. Nothing is left in out_root then.
     """
     step = on_step or (lambda line: None)
-    formats = check_request(run_dir, formats)
-    run_dir = Path(run_dir)
-    writers = plan_writers(formats)
-    experiment, run_config = runs.read_run_config(run_dir)
-    metrics = runs.read_json(run_dir / "metrics.json")
-    _hide_gpus_from_tensorflow()
+    request = check_request(run_dir, formats)
+    experiment = request.experiment
+    _use_tensorflow_on_cpu()
 
     step(f"loading verification images of {experiment.name} ({experiment.data.source})")
     images, images_from = verification_images(experiment)
     parent = out_root / experiment.name
-    # Not tempfile.mkdtemp: the version must be readable by a server running as another user.
-    staging = runs.make_public_dir(parent, STAGING_PREFIX)
-    try:
+    with files.staging_dir(parent) as staging:
         with tempfile.TemporaryDirectory(prefix="flowers-export-") as scratch:
             results, write_info = _write_and_verify(
-                run_dir, run_config["backend"], formats, writers, images, staging, Path(scratch),
-                experiment.train.latency_repeats, step)
+                request.run_dir, request.run_config["backend"], request.formats, request.writers,
+                images, staging, Path(scratch), experiment.train.latency_repeats, step)
         failed = [r for r in results if not r["passed"]]
         if failed:
             reference = results[0]["reference"]
@@ -175,12 +201,15 @@ def export_run(run_dir: str | Path, formats: Iterable[str], out_root: Path,
                 f"verification failed against {reference} on {len(images)} images: "
                 + "; ".join(_describe_failure(r) for r in failed))
         step("hashing files and writing manifest.json")
-        manifest = _manifest(run_dir, run_config, experiment, metrics, formats, write_info, staging,
-                             results, images, images_from)
+        manifest = _manifest(ExportRecord(request, staging, len(images), images_from, write_info,
+                                          results))
         return _publish(staging, parent, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def _use_tensorflow_on_cpu() -> None:
+    """This process decodes images (tf.data) and runs the SavedModel: tensorflow, kept off the GPU."""
+    backend.select("tensorflow")
+    backend.hide_gpus_from_tensorflow()
 
 
 def verification_images(experiment: Experiment) -> tuple[np.ndarray, str]:
@@ -221,9 +250,13 @@ def list_exports(root: Path, experiment: str | None = None) -> list[dict[str, An
     found = []
     for manifest_path in root.glob(f"{experiment or '*'}/v*/{MANIFEST}"):
         if VERSION_NAME.match(manifest_path.parent.name):
-            manifest = runs.read_json(manifest_path)
-            found.append({**manifest, "path": str(manifest_path.parent)})
+            found.append({**read_manifest(manifest_path.parent), "path": str(manifest_path.parent)})
     return sorted(found, key=lambda m: (m.get("experiment", ""), m.get("version", 0)))
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any]:
+    """The manifest.json of an export version."""
+    return files.read_json(version_dir / MANIFEST)
 
 
 def render_results(manifest: dict[str, Any]) -> str:
@@ -238,7 +271,7 @@ def render_results(manifest: dict[str, Any]) -> str:
     header = (f"v{manifest['version']} of {manifest['experiment']}: "
               f"{verification['images']} images vs {verification['reference']}, "
               f"{'all passed' if verification['passed'] else 'FAILED'}")
-    return header + "\n" + _table(rows)
+    return header + "\n" + tables.text_table(rows)
 
 
 def render_list(manifests: list[dict[str, Any]], root: Path, experiment: str | None = None) -> str:
@@ -252,13 +285,7 @@ def render_list(manifests: list[dict[str, Any]], root: Path, experiment: str | N
         rows.append((m["experiment"], f"v{m['version']}", m["created"], m["training_backend"],
                      m["run_id"], "-" if accuracy is None else f"{accuracy:.4f}",
                      ",".join(m["formats"]), m["path"]))
-    return _table(rows)
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return tables.text_table(rows)
 
 
 def next_version(parent: Path) -> int:
@@ -294,8 +321,8 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
         result, probabilities = _run_worker(name, model_path, writes, scratch, latency_repeats)
         keras_runs[name] = (result, probabilities)
         for fmt, seconds in result["write_s"].items():
-            write_info[fmt] = {"written_by": f"keras {_version('keras')} {WRITTEN_WITH[fmt]} "
-                                             f"under {name}", "write_s": round(seconds, 2)}
+            written_by = f"keras {host.package_version('keras')} {WRITTEN_WITH[fmt]} under {name}"
+            write_info[fmt] = {"written_by": written_by, "write_s": round(seconds, 2)}
 
     reference_result, reference = keras_runs[reference_backend]
     measured = [("keras", result["runtime"], probabilities, result["batch1_p50_ms"])
@@ -326,26 +353,19 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
 
 def _run_worker(name: str, model_path: Path, writes: dict[str, str], scratch: Path,
                 latency_repeats: int) -> tuple[dict[str, Any], np.ndarray]:
-    """Run flowers.export.worker under backend `name`; returns (result, probabilities)."""
-    request = {
-        "backend": name, "model": str(model_path), "images": str(scratch / "images.npy"),
-        "probabilities_out": str(scratch / f"probabilities-{name}.npy"),
-        "result_out": str(scratch / f"result-{name}.json"),
-        "latency_repeats": latency_repeats, "writes": writes,
-    }
-    request_path = scratch / f"request-{name}.json"
-    request_path.write_text(json.dumps(request, indent=2))
-    # CPU only (see the module docstring); the worker's own output is kept from the user unless
-    # it fails, when its last line becomes the error.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
-    env.pop("KERAS_BACKEND", None)
-    done = subprocess.run([sys.executable, "-m", "flowers.export.worker", str(request_path)],
-                          capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
-        what = ", ".join(f"writing {f}" for f in writes) or "running model.keras"
-        raise FlowersError(f"{what} under {name} failed: {lines[-1].removeprefix('error: ')}")
-    return runs.read_json(request["result_out"]), np.load(request["probabilities_out"])
+    """Run flowers.export.worker under backend `name`, on the CPU (see the module docstring).
+
+    Returns:
+        (its result, the probabilities it computed). The child's output is kept from the user
+        unless it fails, when its one-line error becomes the FlowersError (flowers.workers).
+    """
+    probabilities_out = scratch / f"probabilities-{name}.npy"
+    request = {"model": str(model_path), "images": str(scratch / "images.npy"),
+               "probabilities_out": str(probabilities_out), "latency_repeats": latency_repeats,
+               "writes": writes}
+    what = ", ".join(f"writing {f}" for f in writes) or "running model.keras"
+    result = workers.run_worker("flowers.export.worker", name, request, scratch, what, cpu_only=True)
+    return result, np.load(probabilities_out)
 
 
 def _describe_failure(result: dict[str, Any]) -> str:
@@ -355,39 +375,44 @@ def _describe_failure(result: dict[str, Any]) -> str:
             f"(limit {MAX_ABS_PROB_DIFF:.0e})")
 
 
-def _manifest(run_dir: Path, run_config: dict[str, Any], experiment: Experiment,
-              metrics: dict[str, Any], formats: list[str], write_info: dict[str, dict[str, Any]],
-              staging: Path, results: list[dict[str, Any]], images: np.ndarray,
-              images_from: str) -> dict[str, Any]:
-    size = experiment.data.image_size
-    class_names = runs.read_json(run_dir / "class_names.json")
-    files = {}
-    for fmt in formats:
-        target = staging / FORMAT_PATHS[fmt]
-        for path in sorted([target] if target.is_file() else (target.rglob("*"))):
-            if path.is_file():
-                files[str(path.relative_to(staging))] = {"format": fmt,
-                                                         "bytes": path.stat().st_size,
-                                                         "sha256": _sha256(path)}
-    format_entries = {
-        fmt: {"path": FORMAT_PATHS[fmt],
-              "bytes": sum(f["bytes"] for f in files.values() if f["format"] == fmt),
-              **write_info[fmt], "targets": TARGETS[fmt],
-              "runtimes": [r["runtime"] for r in results if r["format"] == fmt]}
-        for fmt in formats
-    }
+def _manifest(record: ExportRecord) -> dict[str, Any]:
+    """manifest.json of the version being written (its "version" is set by _publish)."""
+    request = record.request
+    class_names = files.read_json(request.run_dir / "class_names.json")
+    file_entries = _file_entries(record.staging, request.formats)
     return {
         "version": None,  # set by _publish
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "experiment": experiment.name,
-        "source_run": str(run_dir.resolve()),
-        "run_id": run_config["run_id"],
-        "training_backend": run_config["backend"],
-        "config_hash": experiment.config_hash(),
-        "config": experiment.to_dict(),
+        **_source(request),
+        "class_names": class_names,
+        **_interface(request.experiment.data.image_size, len(class_names)),
+        "formats": _format_entries(record, file_entries),
+        "files": file_entries,
+        "verification": _verification(record),
+        "git": host.git_state(),
+        "packages": {"flowers": __version__, "python": platform.python_version(),
+                     **host.package_versions(PACKAGES)},
+    }
+
+
+def _source(request: ExportRequest) -> dict[str, Any]:
+    """The run the version was exported from: its experiment, backend, config and accuracy."""
+    metrics = files.read_json(request.run_dir / "metrics.json")
+    return {
+        "experiment": request.experiment.name,
+        "source_run": str(request.run_dir.resolve()),
+        "run_id": request.run_config["run_id"],
+        "training_backend": request.run_config["backend"],
+        "config_hash": request.experiment.config_hash(),
+        "config": request.experiment.to_dict(),
         "val_metrics": {k: metrics.get(k) for k in ("num_val", "val_loss", "val_accuracy",
                                                     "val_top5_accuracy")},
-        "class_names": class_names,
+    }
+
+
+def _interface(size: int, num_classes: int) -> dict[str, Any]:
+    """What every format takes and returns."""
+    return {
         "input": {
             "shape": [None, size, size, 3], "layout": "NHWC", "channels": "RGB",
             "dtype": "float32", "value_range": [0, 255],
@@ -396,24 +421,50 @@ def _manifest(run_dir: Path, run_config: dict[str, Any], experiment: Experiment,
             "savedmodel_signatures": {runtimes.SAVEDMODEL_FLOAT_SIGNATURE: "float32",
                                       runtimes.SAVEDMODEL_UINT8_SIGNATURE: "uint8"},
         },
-        "output": {"shape": [None, len(class_names)], "dtype": "float32",
+        "output": {"shape": [None, num_classes], "dtype": "float32",
                    "meaning": "softmax class probabilities, in class_names order"},
-        "formats": format_entries,
-        "files": files,
-        "verification": {
-            "images": len(images),
-            "images_from": images_from,
-            "reference": results[0]["reference"] if results else None,
-            "device": "cpu",
-            "criteria": {"top1_agreement": 1.0, "max_abs_prob_diff": MAX_ABS_PROB_DIFF},
-            "latency_method": (f"predict() on 1 image: {experiment.train.latency_repeats} timed "
-                               "calls after 3 untimed warm-up calls, p50; numpy in and out"),
-            "passed": all(r["passed"] for r in results),
-            "results": results,
-        },
-        "git": _git_state(),
-        "packages": {"flowers": __version__, "python": platform.python_version(),
-                     **{name: _version(name) for name in PACKAGES}},
+    }
+
+
+def _file_entries(staging: Path, formats: list[str]) -> dict[str, dict[str, Any]]:
+    """Every file of every format: relative path -> format, bytes, sha256."""
+    entries = {}
+    for fmt in formats:
+        target = staging / FORMAT_PATHS[fmt]
+        for path in sorted([target] if target.is_file() else (target.rglob("*"))):
+            if path.is_file():
+                entries[str(path.relative_to(staging))] = {"format": fmt,
+                                                           "bytes": path.stat().st_size,
+                                                           "sha256": _sha256(path)}
+    return entries
+
+
+def _format_entries(record: ExportRecord, file_entries: dict[str, dict[str, Any]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Per format: where it is, its size, how it was written, what it is for, what ran it."""
+    return {
+        fmt: {"path": FORMAT_PATHS[fmt],
+              "bytes": sum(f["bytes"] for f in file_entries.values() if f["format"] == fmt),
+              **record.write_info[fmt], "targets": TARGETS[fmt],
+              "runtimes": [r["runtime"] for r in record.results if r["format"] == fmt]}
+        for fmt in record.request.formats
+    }
+
+
+def _verification(record: ExportRecord) -> dict[str, Any]:
+    """How every format was checked against the reference, and each runtime's result."""
+    results = record.results
+    return {
+        "images": record.images,
+        "images_from": record.images_from,
+        "reference": results[0]["reference"] if results else None,
+        "device": "cpu",
+        "criteria": {"top1_agreement": 1.0, "max_abs_prob_diff": MAX_ABS_PROB_DIFF},
+        "latency_method": (f"predict() on 1 image: {record.request.experiment.train.latency_repeats}"
+                           f" timed calls after {LATENCY_WARMUP_CALLS} untimed warm-up calls, p50;"
+                           " numpy in and out"),
+        "passed": all(r["passed"] for r in results),
+        "results": results,
     }
 
 
@@ -422,37 +473,11 @@ def _publish(staging: Path, parent: Path, manifest: dict[str, Any]) -> Path:
     while True:
         version = next_version(parent)
         manifest["version"] = version
-        runs.write_json(staging / MANIFEST, manifest)
-        final = parent / f"v{version}"
+        files.write_json(staging / MANIFEST, manifest)
         try:
-            staging.rename(final)  # fails when another export took v<N> first (it is not empty)
-            return final
-        except OSError:
-            if not final.exists():
-                raise
-
-
-def _git_state() -> dict[str, Any]:
-    """Commit of the code that exported, and whether its tree had uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
-                              text=True, check=True, timeout=30).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"commit": None, "dirty": None,
-                "null_reason": f"not a git checkout or git unavailable ({type(exc).__name__})"}
-
-
-def _hide_gpus_from_tensorflow() -> None:
-    """Keep this process's TensorFlow (data, SavedModel verification) on the CPU."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        pass  # devices already initialised by an earlier call in this process
+            return files.publish_dir(staging, parent / f"v{version}")
+        except FileExistsError:
+            continue  # another export took v<N> first
 
 
 def _sha256(path: Path) -> str:
@@ -461,14 +486,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(2**20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None

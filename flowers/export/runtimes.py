@@ -10,19 +10,15 @@ Opening a .keras file imports keras: select the backend first.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import importlib.util
-import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowers import data
+from flowers import data, files, host
 from flowers.errors import FlowersError
 from flowers.metrics import time_calls
 
@@ -35,7 +31,7 @@ RUNTIME_MODULES = {"keras": ("keras",), "savedmodel": ("tensorflow",), "onnx": (
                    "tflite": ("ai_edge_litert",)}
 EXPORT_EXTRA = "pip install -e '.[export]'"
 MANIFEST = "manifest.json"
-# The two SavedModel signatures flowers exports (see export_worker.write_savedmodel).
+# The two SavedModel signatures flowers exports (see flowers.export.worker.write_savedmodel).
 SAVEDMODEL_FLOAT_SIGNATURE = "serving_default"
 SAVEDMODEL_UINT8_SIGNATURE = "serve_uint8"
 PREDICT_BATCH = 32
@@ -74,9 +70,14 @@ def format_of(path: str | Path) -> str:
                        "or a SavedModel directory (one with saved_model.pb)")
 
 
+def missing_modules(modules: Sequence[str]) -> list[str]:
+    """The modules that are not installed (found without importing them)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
 def require(modules: Sequence[str], purpose: str) -> None:
     """Raise a one-line FlowersError naming the extra to install when a module is missing."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = missing_modules(modules)
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise FlowersError(f"{purpose} needs {', '.join(missing)}, which {verb} not installed; "
@@ -128,9 +129,7 @@ def class_names_for(path: str | Path, model: LoadedModel) -> list[str]:
         return model.class_names
     manifest = Path(path).parent / MANIFEST
     if manifest.is_file():
-        from flowers.runs import read_json
-
-        names = read_json(manifest).get("class_names")
+        names = files.read_json(manifest).get("class_names")
         if not isinstance(names, list) or len(names) != model.num_classes:
             raise FlowersError(f"{manifest} does not list {model.num_classes} class names for "
                                f"{Path(path).name}; is it the manifest of another model?")
@@ -170,13 +169,6 @@ def top_classes(probabilities: np.ndarray, class_names: Sequence[str], top: int)
     """
     best = np.argsort(-probabilities, kind="stable")[:min(top, len(class_names))]
     return [{"class": class_names[i], "probability": float(probabilities[i])} for i in best]
-
-
-def runtime_version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown version"
 
 
 def _open_keras(path: Path, signature: str) -> LoadedModel:
@@ -234,7 +226,7 @@ def _open_onnx(path: Path, signature: str) -> LoadedModel:
 def _open_tflite(path: Path, signature: str) -> LoadedModel:
     from ai_edge_litert.interpreter import Interpreter
 
-    with _quiet_stderr():
+    with host.quiet_stderr():
         interpreter = Interpreter(model_path=str(path))
     model_input = interpreter.get_input_details()[0]
     model_output = interpreter.get_output_details()[0]
@@ -244,35 +236,17 @@ def _open_tflite(path: Path, signature: str) -> LoadedModel:
         # The file is exported with a dynamic batch; the interpreter is resized to each new batch.
         if allocated_shape[-1:] != [images.shape]:
             interpreter.resize_tensor_input(model_input["index"], images.shape)
-            with _quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            with host.quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
                 interpreter.allocate_tensors()
             allocated_shape.append(images.shape)
         interpreter.set_tensor(model_input["index"], images.astype(model_input["dtype"]))
         interpreter.invoke()
         return interpreter.get_tensor(model_output["index"]).copy()
 
+    version = host.package_version("ai-edge-litert") or "unknown version"
     return LoadedModel(
-        format="tflite", runtime=f"LiteRT interpreter {runtime_version('ai-edge-litert')}",
+        format="tflite", runtime=f"LiteRT interpreter {version}",
         image_size=int(model_input["shape"][1]), num_classes=int(model_output["shape"][-1]),
         input_name=model_input["name"], output_name=model_output["name"], predict=predict,
         handle=interpreter)
 
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Mute C++ INFO lines the LiteRT runtime writes straight to file descriptor 2.
-
-    TF_CPP_MIN_LOG_LEVEL=0 keeps them (as for TensorFlow's start-up lines in backend.py).
-    """
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        yield
-        return
-    sys.stderr.flush()
-    saved_fd, devnull_fd = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull_fd, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        os.close(devnull_fd)

@@ -1,27 +1,24 @@
 """The per-backend half of `flowers export`, run in its own process: python -m flowers.export.worker REQ.
 
-A process can use one Keras backend only, so flowers/export.py starts this module once per backend it
-needs. It reads a request (JSON), selects the backend, loads model.keras, runs it on the
-verification images (probabilities to a .npy, batch-1 latency to the result), then writes the formats
-assigned to this backend with Keras' own exporters. The result is a JSON file; a failure is the
-process's exit status and the last line of its stderr.
+A process can use one Keras backend only, so flowers/export/run.py starts this module once per
+backend it needs (flowers.workers.run_worker, which also defines the request/result files and how a
+failure reaches the user). Under the request's backend it loads model.keras, runs it on the
+verification images (probabilities to a .npy, batch-1 latency to the result), then writes the
+formats assigned to this backend with Keras' own exporters.
 
 Request keys: backend, model, images (.npy, float32 [N,S,S,3] 0..255), probabilities_out,
-result_out, latency_repeats, writes ({format: path}).
+latency_repeats, writes ({format: path}).
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowers import backend
-from flowers.errors import FlowersError
+from flowers import backend, workers
 
 
 def write_savedmodel(model, path: Path) -> None:
@@ -68,9 +65,11 @@ def _input_spec(model, dtype: str):
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
-    """Do one worker request (see the module docstring); returns the result dict."""
-    name = backend.select(request["backend"])
-    backend.hide_gpus_from_tensorflow(name)
+    """Do one worker request (see the module docstring); returns the result dict.
+
+    Runs under the request's backend, which workers.worker_main has selected.
+    """
+    name = request["backend"]
     from flowers.export.runtimes import open_model, run_and_time
 
     loaded = open_model(request["model"])
@@ -86,15 +85,5 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
             "batch1_p50_ms": batch1_p50_ms, "write_s": write_s}
 
 
-def main(argv: list[str]) -> None:
-    request = json.loads(Path(argv[0]).read_text())
-    try:
-        result = run(request)
-    except FlowersError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    Path(request["result_out"]).write_text(json.dumps(result, indent=2) + "\n")
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    workers.worker_main(run=run)
