@@ -201,12 +201,10 @@ def export_command(run_dir: Path, formats: str | None, out: Path | None) -> None
     """Export a run to every format, verified in each runtime; the last line is the version dir."""
     from flowers.export import run as export
 
-    names = export.check_request(run_dir, formats)
-    # This process decodes images and runs the SavedModel; Keras runs in one process per backend.
-    backend.select("tensorflow")
-    version_dir = export.export_run(run_dir, names, export.exports_root(out),
+    # export_run checks the request before any framework loads, then selects tensorflow itself.
+    version_dir = export.export_run(run_dir, formats, export.exports_root(out),
                                     on_step=lambda line: click.echo(f"  {line}"))
-    click.echo(export.render_results(runs.read_json(version_dir / "manifest.json")))
+    click.echo(export.render_results(export.read_manifest(version_dir)))
     click.echo(str(version_dir))
 
 
