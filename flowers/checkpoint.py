@@ -17,22 +17,27 @@ from pathlib import Path
 
 import keras
 
-from flowers import files
+from flowers import faults, files
 
 WEIGHTS_FILE = "latest.weights.h5"
 METADATA_FILE = "training_metadata.json"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 
 
+def states(backup_dir: Path) -> dict[int, Path]:
+    """epoch -> its complete backup/epoch-<N>/ directory."""
+    return {int(m.group(1)): p for p in backup_dir.glob("epoch-*")
+            if (m := _EPOCH_DIR.match(p.name)) and (p / METADATA_FILE).is_file()}
+
+
 def latest_state(backup_dir: Path) -> Path | None:
     """The newest complete backup/epoch-<N>/ directory, None when there is none."""
-    found = [(int(m.group(1)), p) for p in backup_dir.glob("epoch-*")
-             if (m := _EPOCH_DIR.match(p.name)) and (p / METADATA_FILE).is_file()]
-    return max(found)[1] if found else None
+    found = states(backup_dir)
+    return found[max(found)] if found else None
 
 
 def restored_epoch(backup_dir: Path) -> int:
-    """The epoch a resumed run starts at (0 when nothing is saved).
+    """The newest epoch a resumed run can start at (0 when nothing is saved).
 
     The training data starts at that epoch's order, so it is read before fit() restores the state.
     """
@@ -47,11 +52,20 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
     only where it reads and how it writes change.
     """
 
-    def __init__(self, backup_dir: Path):
+    def __init__(self, backup_dir: Path, epoch: int | None = None):
+        """Restore `epoch`'s state (the newest when None; nothing when 0).
+
+        Data-parallel processes restore the newest epoch that every one of them has published: a
+        process killed between two checkpoints can be one epoch behind the others, so the two
+        newest states are kept.
+        """
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False,
                          double_checkpoint=False)
         self._backup = Path(backup_dir)
-        state = latest_state(self._backup) or self._backup / "none"
+        found = states(self._backup)
+        if epoch is None:
+            epoch = max(found, default=0)
+        state = found.get(epoch, self._backup / "none") if epoch else self._backup / "none"
         self._weights_path = str(state / WEIGHTS_FILE)
         self._training_metadata_path = str(state / METADATA_FILE)
 
@@ -60,8 +74,8 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
             self.model.save_weights(str(staging / WEIGHTS_FILE))
             files.write_json(staging / METADATA_FILE,
                              {"epoch": self._current_epoch, "batch": self._last_batch_seen})
-            final = files.publish_dir(staging, self._backup / f"epoch-{self._current_epoch}",
-                                      replace=True)
-        for old in self._backup.glob("epoch-*"):
-            if old != final and _EPOCH_DIR.match(old.name):
+            files.publish_dir(staging, self._backup / f"epoch-{self._current_epoch}", replace=True)
+        faults.point(f"checkpoint-published:{self._current_epoch}")
+        for epoch, old in states(self._backup).items():
+            if epoch < self._current_epoch - 1:
                 shutil.rmtree(old, ignore_errors=True)

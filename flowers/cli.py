@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from flowers import __version__, backend, config, files, host, runs, weights
-from flowers.errors import FlowersError
+from flowers import distribute as distribute_lib
+from flowers.errors import FlowersError, PeerLost
 
 DEFAULT_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 
@@ -78,14 +79,19 @@ def info() -> None:
               help="Override one experiment setting; repeatable.")
 @click.option("--resume", is_flag=True,
               help="Continue the newest unfinished run of this experiment and backend.")
+@click.option("--distribute", type=click.Choice(["none", "data-parallel"]), default=None,
+              help="Data-parallel training over every device and process (train.distribution).")
 @runs_dir_option
 def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...], resume: bool,
-          runs_dir: Path | None) -> None:
+          distribute: str | None, runs_dir: Path | None) -> None:
     """Train an experiment; the last line printed is the run directory.
 
     With --resume the unfinished run continues with the settings it was started with; a --set
-    that changes one of them is refused.
+    that changes one of them is refused. With --distribute data-parallel every process of the
+    cluster (torchrun, KERAS_DISTRIBUTION_*, Vertex AI's CLUSTER_SPEC) runs this same command.
     """
+    if distribute:
+        overrides = (*overrides, f"train.distribution={distribute.replace('-', '_')}")
     exp = config.load_experiment(experiment, () if resume else overrides)
     name = backend.check_name(backend_name or DEFAULT_BACKEND)
     root = runs.runs_root(runs_dir)
@@ -99,6 +105,11 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     from flowers.train import train as run_training
 
     run_dir = run_training(exp, name, root, resume_dir=resume_dir, progress=click.echo)
+    cluster = distribute_lib.detect_cluster()
+    if not cluster.is_chief:
+        click.echo(f"process {cluster.process_id} of {cluster.num_processes}: training done; "
+                   f"process 0 evaluates and writes {run_dir}")
+        return
     metrics = files.read_json(run_dir / "metrics.json")
     click.echo(f"val_accuracy={metrics['val_accuracy']:.4f} val_loss={metrics['val_loss']:.4f} "
                f"train_time_s={metrics['train_time_s']:.1f} device={metrics['device']}")
@@ -434,6 +445,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="flowers", standalone_mode=False)
+    except PeerLost as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except FlowersError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

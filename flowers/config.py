@@ -75,11 +75,15 @@ class TrainConfig:
     dtype_policy: str = "float32"
     # frozen backbone, no augmentation: compute backbone features once, train the head on them
     cache_features: bool = False
+    # "none" or "data_parallel": the global batch split over every device of every process
+    # (flowers/distribute.py; `flowers train --distribute data-parallel` sets it)
+    distribution: str = "none"
 
 
 DATA_FORMATS = ("auto", "channels_last", "channels_first")
 JIT_COMPILE = ("auto", "true", "false")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+DISTRIBUTIONS = ("none", "data_parallel")
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 SOURCE_KINDS = ("tfds:NAME", "folder:PATH", "synthetic")
 # Keys that existed once: refused in experiment files and --set (with the reason), dropped when an
@@ -253,6 +257,8 @@ def validate(experiment: Experiment) -> None:
              f"must be one of {', '.join(JIT_COMPILE)}")
     _require(t.dtype_policy in DTYPE_POLICIES, "train.dtype_policy", t.dtype_policy,
              f"must be one of {', '.join(DTYPE_POLICIES)}")
+    _require(t.distribution in DISTRIBUTIONS, "train.distribution", t.distribution,
+             f"must be one of {', '.join(DISTRIBUTIONS)}")
     if t.cache_features and (d.augment or not m.freeze_backbone):
         why = "data.augment=true changes every epoch's images" if d.augment else \
             "model.freeze_backbone=false changes the backbone every step"

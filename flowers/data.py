@@ -106,6 +106,8 @@ class Splits:
     skipped_files: list[str] = field(default_factory=list)
     cached: bool = False
     split_dirs: tuple[str, str] | None = None
+    # whole batches only (data-parallel training: every replica gets an equal share of each batch)
+    drop_remainder: bool = False
 
     @property
     def num_train(self) -> int:
@@ -117,6 +119,8 @@ class Splits:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.drop_remainder:
+            return self.num_train // self.batch_size
         return -(-self.num_train // self.batch_size)
 
     def train_epochs(self, first_epoch: int, epochs: int):
@@ -128,7 +132,7 @@ class Splits:
         """
         augment = _augmenter(self.seed) if self.augment else None
         return epoch_batches(self.train_examples, self.batch_size, self.seed, first_epoch, epochs,
-                             self.image_size, augment)
+                             self.image_size, augment, self.drop_remainder)
 
     @property
     def train(self):
@@ -137,8 +141,8 @@ class Splits:
 
     @cached_property
     def val(self):
-        """The validation split in its stored order, unaugmented."""
-        return in_order(self.val_examples, self.batch_size, self.image_size)
+        """The validation split in its stored order, unaugmented (whole batches: see drop_remainder)."""
+        return in_order(self.val_examples, self.batch_size, self.image_size, self.drop_remainder)
 
     @property
     def train_in_order(self):
@@ -216,11 +220,13 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def epoch_batches(examples: Examples, batch_size: int, seed: int, first_epoch: int, epochs: int,
-                  image_size: int | None = None, augment: Callable | None = None):
+                  image_size: int | None = None, augment: Callable | None = None,
+                  drop_remainder: bool = False):
     """Batches of epochs first_epoch..epochs-1, each epoch in its own epoch_order.
 
-    Every epoch has ceil(N / batch_size) batches (the last one may be short). augment(images,
-    epoch, batch_index) is applied to float32 batches when given.
+    Every epoch has ceil(N / batch_size) batches (the last one may be short), or N // batch_size
+    whole ones with drop_remainder. augment(images, epoch, batch_index) is applied to float32
+    batches when given.
     """
     import tensorflow as tf
 
@@ -231,7 +237,7 @@ def epoch_batches(examples: Examples, batch_size: int, seed: int, first_epoch: i
 
     def one_epoch(epoch, order):
         ds = tf.data.Dataset.from_tensor_slices(order).map(read, tf.data.AUTOTUNE)
-        ds = ds.batch(batch_size).map(_to_float, tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_to_float, tf.data.AUTOTUNE)
         if augment is not None:
             ds = ds.enumerate().map(lambda b, xy: (augment(xy[0], epoch, b), xy[1]),
                                     tf.data.AUTOTUNE)
@@ -239,17 +245,19 @@ def epoch_batches(examples: Examples, batch_size: int, seed: int, first_epoch: i
 
     epoch_ids = np.arange(first_epoch, epochs, dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((epoch_ids, orders)).flat_map(one_epoch)
-    steps = -(-len(examples) // batch_size)
+    steps = len(examples) // batch_size if drop_remainder else -(-len(examples) // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - first_epoch) * steps))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def in_order(examples: Examples, batch_size: int, image_size: int | None = None):
+def in_order(examples: Examples, batch_size: int, image_size: int | None = None,
+             drop_remainder: bool = False):
     """All examples in their stored order, batched, unaugmented."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.range(len(examples)).map(_reader(examples, image_size), tf.data.AUTOTUNE)
-    return ds.batch(batch_size).map(_to_float, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_to_float, tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def decode_all(examples: Examples, image_size: int) -> Examples:

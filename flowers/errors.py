@@ -6,3 +6,11 @@ class FlowersError(Exception):
 
     The message is one line that says what failed and what to do instead.
     """
+
+
+class PeerLost(FlowersError):
+    """Another process of a data-parallel run died or stopped answering.
+
+    The CLI exits at once after printing it: the frameworks' own shutdown would wait for (and then
+    abort on) the dead process.
+    """

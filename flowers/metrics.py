@@ -6,8 +6,11 @@ How each figure is measured (the same code runs under torch, tensorflow and jax)
 - feature_extraction_s: train.cache_features only: computing the backbone features once.
 - warmup_epochs: the first epoch each process ran (epoch 0, plus the first epoch after every
   resume): it carries tracing/compilation, so the throughput leaves it out.
-- train_images_per_s: num_train * (epochs not in warmup_epochs) / their summed epoch_times_s --
-  steady state, compile time excluded. Needs one epoch that is not a warm-up epoch.
+- train_images_per_s: images trained per epoch (num_train; whole global batches only in
+  data-parallel runs) * (epochs not in warmup_epochs) / their summed epoch_times_s -- steady state,
+  compile time excluded, all replicas together. Needs one epoch that is not a warm-up epoch.
+- distribution, replicas, processes: train.distribution, the devices the global batch was split
+  over, and the processes they ran in (1, 1 without data-parallel training).
 - train_time_s: wall seconds of all epochs, validation included (what a user waits for), plus
   feature_extraction_s when features are cached.
 - peak_host_rss_mb: largest resident set size of this process, sampled every 50 ms by a thread.
@@ -39,7 +42,7 @@ METRIC_KEYS = (
     "experiment", "backend", "backend_version", "keras_version", "tensorflow_version",
     "python_version", "device", "host", "config_hash", "run_id", "created", "resumed",
     "num_train", "num_val", "num_classes", "skipped_files", "data_cached",
-    "data_format", "jit_compile", "dtype_policy",
+    "data_format", "jit_compile", "dtype_policy", "distribution", "replicas", "processes",
     "epochs", "feature_extraction_s", "train_time_s", "epoch_times_s", "first_epoch_s", "warmup_epochs",
     "train_images_per_s",
     "peak_host_rss_mb", "peak_device_mem_mb", "eval_time_s", "latency_ms",
@@ -139,6 +142,9 @@ def read_metrics(path: Path) -> dict[str, Any]:
         raise FlowersError(f"{path}: metrics.json is not a JSON object")
     # Runs from before warmup_epochs existed excluded epoch 0 only.
     metrics.setdefault("warmup_epochs", [0])
+    # Runs from before data-parallel training ran on one device in one process.
+    for key, value in (("distribution", "none"), ("replicas", 1), ("processes", 1)):
+        metrics.setdefault(key, value)
     missing = [k for k in (*METRIC_KEYS, "null_reasons") if k not in metrics]
     if missing:
         raise FlowersError(f"{path}: metrics.json lacks {', '.join(missing)}")

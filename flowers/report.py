@@ -79,7 +79,9 @@ ROWS = (
 )
 # How each run was set up, shown at the top of the table when the runs record it.
 SETUP_KEYS = (("backend_version", "backend version"), ("data_format", "data format"),
-              ("jit_compile", "jit compile"), ("dtype_policy", "dtype policy"))
+              ("jit_compile", "jit compile"), ("dtype_policy", "dtype policy"),
+              ("distribution", "distribution"), ("replicas", "replicas"), ("processes", "processes"))
+DISTRIBUTION_KEYS = ("distribution", "replicas", "processes")
 
 
 @dataclass
@@ -367,6 +369,8 @@ def results_table(comparison: dict[str, Any]) -> tuple[str, list[str]]:
         for key, title in (("device", "device"), ("config_hash", "config hash")):
             rows.append([f"**{title} (mixed)**", *(str(c[key]) for c in columns)])
     for key, title in SETUP_KEYS:
+        if key in DISTRIBUTION_KEYS and all(c.get("distribution") in (None, "none") for c in columns):
+            continue  # no run was data-parallel: nothing to show
         if any(c.get(key) is not None for c in columns):
             rows.append([title, *(_setup_value(c.get(key)) for c in columns)])
     footnotes: list[str] = []

@@ -6,6 +6,7 @@ Import only after flowers.backend.select(): it imports keras.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -17,9 +18,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backend, data, files, host, runs, weights
+from flowers import backend, data, distribute, files, host, runs, weights
 from flowers.checkpoint import EpochCheckpoint, restored_epoch
 from flowers.config import Experiment
+from flowers.errors import FlowersError
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
 from flowers.model import (
     build_model,
@@ -133,28 +135,53 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     cfg = experiment
     if resume_dir is not None:
         runs.check_resumable(resume_dir, cfg)
+    say = progress or _silent
+    engine = distribute.setup(cfg.train.distribution, backend_name, cfg.train.batch_size)
+    if not engine.is_chief:  # the chief reports; every process would print the same lines
+        progress = None
+        say = _silent
+    if engine.summary(cfg.train.batch_size):
+        say(engine.summary(cfg.train.batch_size))
     keras.utils.set_random_seed(cfg.train.seed)
     keras.config.set_dtype_policy(cfg.train.dtype_policy)
     backend.hide_gpus_from_tensorflow(backend_name)
     weights.check_available(cfg.model.weights)
-    say = progress or (lambda line: None)
     say(f"data: reading {cfg.data.source}")
     splits = data.load(cfg.data, cfg.train.batch_size, cfg.train.seed)
     say(f"data: {splits.summary()}" + (", decoded and cached in memory" if splits.cached else ""))
+    # Data-parallel: whole global batches only, so every replica gets an equal share of each step
+    # and every process runs the same number of steps (nothing waits forever in a collective).
+    fit_splits = dataclasses.replace(splits, drop_remainder=True) if engine.distributed else splits
+    if fit_splits.steps_per_epoch < 1:
+        raise FlowersError(f"data-parallel training needs at least one whole global batch: "
+                           f"{splits.num_train} training images < train.batch_size="
+                           f"{cfg.train.batch_size}")
     num_classes = len(splits.class_names)
     say(f"model: building ResNet50 ({cfg.model.weights} weights) + head, {num_classes} classes")
-    model = build_model(cfg.model, cfg.data.image_size, num_classes)
-    compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
+    with engine.scope():
+        model = build_model(cfg.model, cfg.data.image_size, num_classes)
+        compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
 
-    run_dir = resume_dir or runs.start_run(runs_root, cfg, backend_name)
-    files.write_json(run_dir / "class_names.json", splits.class_names)
+    run_dir = resume_dir
+    if run_dir is None and engine.is_chief:
+        run_dir = runs.start_run(runs_root, cfg, backend_name)
+    with engine.guard():
+        run_dir = Path(engine.agree(str(run_dir or "")))  # the chief's run directory, everywhere
+    if engine.is_chief:
+        files.write_json(run_dir / "class_names.json", splits.class_names)
     with HostMemorySampler() as host_memory:
         backend.reset_peak_device_memory(backend_name)
-        fitted = fit(model, splits, cfg, run_dir, backend_name, callbacks, progress)
+        with engine.guard():
+            fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
+            engine.barrier("flowers-trained")
+        if not engine.is_chief:  # the chief evaluates and writes the run directory
+            return run_dir.with_name(files.final_name(run_dir))
+        if engine.distributed:
+            model = _single_device_copy(model, engine, cfg, num_classes)
         say("evaluate: validation split, then latency")
         measured = measure(model, splits, cfg)
-    metrics = _metrics(cfg, backend_name, run_dir, splits, fitted, measured, host_memory.peak_mb,
-                       resumed=resume_dir is not None)
+    metrics = _metrics(cfg, backend_name, run_dir, fit_splits, engine, fitted, measured,
+                       host_memory.peak_mb, resumed=resume_dir is not None)
     if splits.skipped_files:
         files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
     files.write_json(run_dir / "metrics.json", metrics)
@@ -167,26 +194,38 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
 
 
 def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path, backend_name: str,
+        engine: distribute.Engine | None = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
         progress: Callable[[str], None] | None = None) -> Fitted:
     """model.fit for cfg.train.epochs, continuing from run_dir's checkpoint when it has one.
 
     Every epoch publishes its state (flowers.checkpoint), its times (progress.json) and its history
     row, so an interrupted run resumes at the last finished epoch with the batches it would have read.
+    Under data-parallel training every process keeps its own checkpoint; only the chief writes the
+    times, history and TensorBoard logs.
     """
+    engine = engine or distribute.Engine()
     say = progress or (lambda line: None)
-    backup_dir = run_dir / "backup"
-    first_epoch = restored_epoch(backup_dir)
+    backup_dir = engine.backup_dir(run_dir)
+    # every process starts at the newest epoch all of them have saved
+    first_epoch = engine.minimum(restored_epoch(backup_dir))
     if first_epoch:
         say(f"resume: {first_epoch} of {cfg.train.epochs} epochs done; continuing")
-    timer = EpochTimer(run_dir / "progress.json")
-    fit_callbacks = [
-        # First, so the restored epoch is known before the other callbacks start.
-        EpochCheckpoint(backup_dir),
+    timer = EpochTimer(run_dir / "progress.json") if engine.is_chief else None
+    chief_callbacks = [
         timer,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, profile_batch=0),
         *([EpochProgress(progress, cfg.train.epochs)] if progress else []),
+    ] if engine.is_chief else []
+    fit_callbacks = [
+        # The engine's first (torch: rank 0's weights everywhere before training; logs averaged
+        # over the processes before anything records them).
+        *engine.callbacks(),
+        *chief_callbacks,
+        # After the epoch's times and history row are written, so a kill between the two leaves a
+        # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
+        EpochCheckpoint(backup_dir, first_epoch),
         *callbacks,
     ]
     num_classes = len(splits.class_names)
@@ -195,17 +234,39 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
         start = time.perf_counter()
         fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, first_epoch)
         feature_extraction_s = time.perf_counter() - start
-        compile_model(fit_model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
+        with engine.scope():
+            compile_model(fit_model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     else:
         fit_model, val_data = model, splits.val
         train_data = splits.train_epochs(first_epoch, cfg.train.epochs)
         feature_extraction_s = None
+    if splits.drop_remainder and splits.num_val < splits.batch_size:
+        say(f"validation: fewer than one global batch ({splits.num_val} images); per-epoch "
+            "validation is skipped, the final evaluation uses every image")
+        val_data = None
     say(f"train: {cfg.train.epochs - first_epoch} epoch(s) of {splits.steps_per_epoch} steps "
         f"under {backend_name}")
-    fit_model.fit(train_data, validation_data=val_data, epochs=cfg.train.epochs,
-                  steps_per_epoch=splits.steps_per_epoch, callbacks=fit_callbacks,
-                  shuffle=False, verbose=2 if progress is None else 0)
+    fit_model.fit(engine.shard(train_data),
+                  validation_data=None if val_data is None else engine.shard(val_data),
+                  epochs=cfg.train.epochs, steps_per_epoch=splits.steps_per_epoch,
+                  callbacks=fit_callbacks, shuffle=False,
+                  verbose=2 if progress is None and engine.is_chief else 0)
     return Fitted(timer, bool(model.jit_compile), feature_extraction_s)
+
+
+def _single_device_copy(model: keras.Model, engine: distribute.Engine, cfg: Experiment,
+                        num_classes: int) -> keras.Model:
+    """The trained weights in a model on this process's default device, as a one-device run has.
+
+    The final evaluation and latency of a data-parallel run are measured on the chief alone, the
+    same way as for any other run.
+    """
+    trained = engine.local_weights(model)
+    engine.release()
+    local = build_model(cfg.model, cfg.data.image_size, num_classes)
+    local.set_weights(trained)
+    compile_model(local, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
+    return local
 
 
 def measure(model: keras.Model, splits: data.Splits, cfg: Experiment) -> Measured:
@@ -226,14 +287,17 @@ def measure(model: keras.Model, splits: data.Splits, cfg: Experiment) -> Measure
     return Measured(scores, eval_time_s, latency)
 
 
-def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Splits, fitted: Fitted,
-             measured: Measured, peak_host_rss_mb: float, resumed: bool) -> dict[str, Any]:
+def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Splits,
+             engine: distribute.Engine, fitted: Fitted, measured: Measured, peak_host_rss_mb: float,
+             resumed: bool) -> dict[str, Any]:
     """metrics.json of a finished run (schema and method: flowers/metrics.py)."""
     peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
     timer = fitted.timer
     epoch_times = timer.epoch_times_s(cfg.train.epochs)
     warmup_epochs = sorted(timer.warmup_epochs)
-    images_per_s, speed_reason = throughput(splits.num_train, epoch_times, warmup_epochs)
+    images_per_epoch = splits.steps_per_epoch * splits.batch_size if splits.drop_remainder \
+        else splits.num_train
+    images_per_s, speed_reason = throughput(images_per_epoch, epoch_times, warmup_epochs)
     feature_reason = None if cfg.train.cache_features else "train.cache_features is off"
     null_reasons = {k: r for k, r in (("peak_device_mem_mb", device_reason),
                                        ("train_images_per_s", speed_reason),
@@ -256,6 +320,9 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
         "data_format": resolve_data_format(cfg.model.data_format),
         "jit_compile": fitted.jit_compile,
         "dtype_policy": cfg.train.dtype_policy,
+        "distribution": engine.distribution,
+        "replicas": engine.replicas,
+        "processes": engine.processes,
         "epochs": cfg.train.epochs,
         "feature_extraction_s": fitted.feature_extraction_s,
         "train_time_s": timer.total_wall_s(cfg.train.epochs) + (fitted.feature_extraction_s or 0.0),
@@ -292,8 +359,9 @@ def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment
     val_features = features(splits.val, splits.val_examples.labels)
     batch = cfg.train.batch_size
     return (head(model),
-            data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch, cfg.train.epochs),
-            data.in_order(val_features, batch))
+            data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch, cfg.train.epochs,
+                               drop_remainder=splits.drop_remainder),
+            data.in_order(val_features, batch, drop_remainder=splits.drop_remainder))
 
 
 def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:
@@ -338,3 +406,7 @@ def _dedupe_history(path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(ordered)
+
+
+def _silent(line: str) -> None:
+    pass
