@@ -78,7 +78,7 @@ for _backend in BACKENDS:
 # `flowers train` options that mean nothing to `flowers compare` (option -> takes a value): dropped
 # so that one set of posargs can drive `nox -s train-torch train-jax compare -- ...`.
 TRAIN_ONLY_OPTIONS = {"--set": True, "--resume": False, "--backend": True, "--cpu": False,
-                      "--gpu": False}
+                      "--gpu": False, "--distribute": True}
 
 
 def compare_args(posargs: list[str]) -> list[str]:

@@ -209,6 +209,9 @@ class Engine:
         """The smallest of every process's value, on every process."""
         return value
 
+    def check_in_sync(self, model) -> None:
+        """Raise FlowersError if the replicas' weights differ (they must be bitwise equal)."""
+
     def local_weights(self, model) -> list[np.ndarray]:
         return [np.asarray(w) for w in model.get_weights()]
 
@@ -429,6 +432,24 @@ class _TorchEngine(Engine):
         box = [text]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def check_in_sync(self, model) -> None:
+        # Every rank applies the same averaged gradients to the same weights, so the weights must
+        # be bitwise equal; a digest per rank shows any drift (e.g. a variable without a hook).
+        if self.processes == 1:
+            return
+        import hashlib
+
+        import torch.distributed as dist
+
+        digest = hashlib.sha256()
+        for weight in model.get_weights():
+            digest.update(np.ascontiguousarray(weight).tobytes())
+        digests: list[str | None] = [None] * self.processes
+        dist.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise FlowersError(f"the {self.processes} torch processes ended with different weights "
+                               "(data-parallel replicas drifted apart); the run was not written")
 
     def minimum(self, value: int) -> int:
         if self.processes == 1:

@@ -173,6 +173,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         backend.reset_peak_device_memory(backend_name)
         with engine.guard():
             fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
+            engine.check_in_sync(model)
             engine.barrier("flowers-trained")
         if not engine.is_chief:  # the chief evaluates and writes the run directory
             return run_dir.with_name(files.final_name(run_dir))
