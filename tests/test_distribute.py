@@ -153,10 +153,12 @@ def test_jax_two_processes_killed_after_epoch_1_resume_to_the_same_run(single, t
 
 
 def test_torchrun_two_processes_train_the_one_process_run(single, tmp_path):
+    """With the feature cache too: each process computes the features, the head trains in parallel."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     (code, out, err), = _launch([([torchrun, "--standalone", "--nproc_per_node=2", "-m", "flowers",
-                                   *SMOKE, "--backend", "torch", "--distribute", "data-parallel",
-                                   "--runs-dir", str(tmp_path)], {})], tmp_path / "logs")
+                                   *SMOKE, "--backend", "torch", "--set", "train.cache_features=true",
+                                   "--distribute", "data-parallel", "--runs-dir", str(tmp_path)], {})],
+                                tmp_path / "logs")
     assert code == 0, err[-3000:]
     assert "process 1 of 2: training done" in out
     (run,) = (tmp_path / "smoke" / "torch").iterdir()
