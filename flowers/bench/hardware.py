@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flowers.metrics import time_calls
 
 # Vendor FP32 (CUDA core) TFLOP/s from NVIDIA's data sheets; tensor cores (TF32/bf16) can exceed
 # these. Keys are matched as whole words of the nvidia-smi name ("NVIDIA H100 80GB HBM3" is the
@@ -131,15 +132,8 @@ def measured_gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     rng = np.random.default_rng(0)
     a = rng.random((size, size), np.float32)
     b = rng.random((size, size), np.float32)
-    a @ b  # warm-up: threads and caches
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    best_s = min(time_calls(lambda: a @ b, repeats, warmup=1)) / 1000  # warm-up: threads, caches
+    return 2 * size**3 / best_s / 1e9
 
 
 def _cpuinfo() -> dict[str, str]:

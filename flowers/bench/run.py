@@ -22,11 +22,8 @@ Method (written into bench.json beside the figures):
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,9 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config, host
+from flowers import backend, config, files, host
 from flowers.bench import hardware
+from flowers.bench.markdown import markdown
 from flowers.errors import FlowersError
+from flowers.workers import LineWorker, run_worker
 
 KERAS_TASKS = ("forward_b1", "forward_batch", "train_step", "train_memory", "train_tfdata")
 NATIVE_TASKS = ("native_forward", "native_train")
@@ -58,6 +57,7 @@ TARGETS = {
     "cache_accuracy_pp": 1.0,
 }
 DEFAULT_IMAGES = config.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
+WORKER_MODULE = "flowers.bench.worker"
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,12 @@ def run_bench(settings: BenchSettings, out_root: Path,
     """Measure every backend, write bench.json and bench.md, return (results, output folder)."""
     settings.validate()
     logs = Path(tempfile.mkdtemp(prefix="flowers-bench-"))
-    workers = {}
+    workers: dict[str, LineWorker] = {}
     try:
         for name in settings.backends:
             progress(f"starting {name} worker")
-            workers[name] = _Worker(name, settings, logs)
+            workers[name] = LineWorker(WORKER_MODULE, name, _timing_request(settings),
+                                       logs / f"{name}.log", "bench worker")
         samples = _interleave(workers, settings, progress)
         ready = {name: w.ready for name, w in workers.items()}
     finally:
@@ -133,12 +134,12 @@ def run_bench(settings: BenchSettings, out_root: Path,
     }
     results["targets"] = evaluate_targets(results)
     out_dir = out_root / "bench" / device_slug(device, results["host"])
-    _write_atomically(out_dir, {"bench.json": json.dumps(results, indent=2) + "\n",
+    files.write_files(out_dir, {"bench.json": json.dumps(results, indent=2) + "\n",
                                 "bench.md": markdown(results)})
     return results, out_dir
 
 
-def _interleave(workers: dict[str, _Worker], settings: BenchSettings,
+def _interleave(workers: dict[str, LineWorker], settings: BenchSettings,
                 progress: Callable[[str], None]) -> dict[str, dict[str, dict]]:
     """Run every task on every backend, round by round in rotating order; collect the samples."""
     per_round = max(1, -(-settings.steps // settings.rounds))
@@ -152,7 +153,7 @@ def _interleave(workers: dict[str, _Worker], settings: BenchSettings,
                 tasks = _expand(task, name, worker, settings)
                 for each in tasks:
                     progress(f"round {round_index + 1}/{settings.rounds}: {name} {each}")
-                    reply = worker.ask(each, per_round)
+                    reply = worker.ask({"task": each, "steps": per_round}, f"bench {each}")
                     entry = samples[name].setdefault(each, {"samples_s": []})
                     entry["samples_s"].extend(reply["samples_s"])
                     entry["images_per_call"] = reply["images_per_call"]
@@ -162,7 +163,7 @@ def _interleave(workers: dict[str, _Worker], settings: BenchSettings,
     return samples
 
 
-def _expand(task: str, name: str, worker: _Worker, settings: BenchSettings) -> list[str]:
+def _expand(task: str, name: str, worker: LineWorker, settings: BenchSettings) -> list[str]:
     if task in NATIVE_TASKS:
         return [task] if worker.ready["native"] else []
     if task == "variants":
@@ -266,175 +267,18 @@ def device_slug(device: str, host: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """bench.md: the figures table (median, min-max) and the targets, with the method."""
-    names = list(results["backends"])
-    f = results["backends"]
-    s = results["settings"]
-
-    def rate(entry: dict | None) -> str:
-        return "n/a" if not entry else f"{entry['median']:.1f} ({entry['min']:.1f}-{entry['max']:.1f})"
-
-    def num(value: float | None, fmt: str = "{:.2f}") -> str:
-        return "n/a" if value is None else fmt.format(value)
-
-    rows = [
-        ("forward img/s, batch 1", [rate(f[n].get("forward_b1_img_s")) for n in names]),
-        (f"forward img/s, batch {s['batch_size']}", [rate(f[n].get("forward_batch_img_s")) for n in names]),
-        ("forward GFLOP/s (share of FP32 peak)",
-         [f"{f[n]['forward_gflops']:.1f} ({num(f[n]['forward_peak_share'], '{:.0%}')})" for n in names]),
-        ("train step img/s (train_on_batch, tensors in memory)",
-         [rate(f[n].get("train_step_img_s")) for n in names]),
-        ("fit img/s, in-memory arrays", [rate(f[n].get("train_memory_img_s")) for n in names]),
-        ("fit img/s, tf.data pipeline", [rate(f[n].get("train_tfdata_img_s")) for n in names]),
-        ("tf.data / in-memory (fit)", [num(f[n]["tfdata_vs_memory"]) for n in names]),
-        ("native forward img/s", [rate(f[n].get("native_forward_img_s")) for n in names]),
-        ("native train step img/s", [rate(f[n].get("native_train_img_s")) for n in names]),
-        ("keras / native, forward", [num(f[n]["keras_vs_native_forward"]) for n in names]),
-        ("keras / native, train step", [num(f[n]["keras_vs_native_train"]) for n in names]),
-        ("native max |Δprob| / max rel. Δfeatures",
-         [("n/a" if not f[n]["native_differences"] else
-           f"{f[n]['native_differences']['probabilities_max_abs']:.1e} / "
-           f"{f[n]['native_differences']['features_max_rel']:.1e}") for n in names]),
-        ("first forward call s (compile/warm-up)",
-         [num(f[n]["first_call_s"].get("forward_batch"), "{:.1f}") for n in names]),
-        ("device", [f[n]["device"] for n in names]),
-        ("layout / jit", [f"{f[n]['data_format']} / {'on' if f[n]['jit_compile'] else 'off'}"
-                          for n in names]),
-    ]
-    variant_names = sorted({v for n in names for v in f[n]["variants"]})
-    for variant in variant_names:
-        rows.append((f"forward img/s with {variant} (× default)",
-                     [(f"{rate(f[n]['variants'][variant])} ({f[n]['variants'][variant]['vs_default']:.2f}×)"
-                       if variant in f[n]["variants"] else "—") for n in names]))
-    if any(f[n]["e2e"] for n in names):
-        e = {n: f[n]["e2e"] for n in names}
-        rows += [
-            (f"end-to-end s, standard ({s['e2e_epochs']} epochs; val acc)",
-             [f"{e[n]['standard']['wall_s']:.1f} ({e[n]['standard']['val_accuracy']:.3f})" for n in names]),
-            ("end-to-end s, train.cache_features (val acc)",
-             [f"{e[n]['cache']['wall_s']:.1f} ({e[n]['cache']['val_accuracy']:.3f})" for n in names]),
-            ("feature-cache speed-up", [f"{e[n]['speedup']:.1f}×" for n in names]),
-            ("peak host RSS MiB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
-            ("peak device memory MiB", [num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
-        ]
-    peak = results["peak"]
-    lines = [
-        f"# flowers bench — {results['device']} ({results['host']['cpu_model']}, "
-        f"{results['host']['cpu_count']} logical cores)",
-        "",
-        f"{results['created']} · image {s['image_size']} px · batch {s['batch_size']} · "
-        f"{s['steps']} timed calls per figure over {s['rounds']} interleaved rounds after "
-        f"{s['warmup']} warm-up calls · images: {s['images'] or 'synthetic'}",
-        "",
-        "Versions: " + "; ".join(
-            f"{n} {f[n]['versions']['backend_version']}" for n in names)
-        + f"; keras {f[names[0]]['versions']['keras_version']}",
-        "",
-        f"FP32 peak: {num(peak.get('fp32_gflops'), '{:.0f}')} GFLOP/s — {peak['method']}"
-        + (f"; measured float32 GEMM: {peak['gemm_gflops_measured']} GFLOP/s"
-           if "gemm_gflops_measured" in peak else ""),
-        f"Model: {f[names[0]]['gflops_per_image']:.2f} GFLOP per image (forward, counted from the "
-        "Keras layers). Figures: median (min-max).",
-        "",
-        "| figure | " + " | ".join(names) + " |",
-        "| --- |" + " --- |" * len(names),
-        *(f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows),
-        "",
-        "## Targets",
-        "",
-        "| target | goal | measured | met |",
-        "| --- | --- | --- | --- |",
-        *(f"| {t['target']} | {'≥' if t['better'] == 'higher' else '≤'} {t['goal']} | "
-          f"{num(t['value'])} | {'n/a' if t['met'] is None else ('yes' if t['met'] else 'NO')} |"
-          for t in results["targets"]),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-class _Worker:
-    """A bench_worker subprocess for one backend, spoken to one JSON line at a time."""
-
-    def __init__(self, name: str, settings: BenchSettings, logs: Path):
-        self.name = name
-        self.log = logs / f"{name}.log"
-        self._log_file = self.log.open("w")
-        self.process = subprocess.Popen(
-            _worker_command(name, settings), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log_file, text=True, env=_worker_env())
-        self.ready = self._read()["ready"]
-
-    def ask(self, task: str, steps: int) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"task": task, "steps": steps}) + "\n")
-        self.process.stdin.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise FlowersError(f"bench: {self.name} {task} failed: {reply['error']}")
-        return reply
-
-    def _read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.process.wait()
-            self._log_file.flush()
-            raise FlowersError(f"bench: {self.name} worker exited with code "
-                               f"{self.process.returncode}: {_last_error(self.log)}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            try:
-                assert self.process.stdin is not None
-                self.process.stdin.write(json.dumps({"task": "quit"}) + "\n")
-                self.process.stdin.close()
-                self.process.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-        self._log_file.close()
+def _timing_request(settings: BenchSettings) -> dict[str, Any]:
+    """What a timing worker needs to build its models and data (see flowers.bench.worker)."""
+    return {"image_size": settings.image_size, "batch_size": settings.batch_size,
+            "warmup": settings.warmup, "images": settings.images}
 
 
 def _end_to_end(name: str, mode: str, settings: BenchSettings, logs: Path) -> dict[str, Any]:
+    """One end-to-end run (standard or cache mode) in a fresh worker process."""
     log = logs / f"{name}-e2e-{mode}.log"
-    with log.open("w") as log_file:
-        result = subprocess.run([*_worker_command(name, settings), "--e2e", mode],
-                                stdout=subprocess.PIPE, stderr=log_file, text=True, env=_worker_env())
-    if result.returncode != 0 or not result.stdout.strip():
-        raise FlowersError(f"bench: {name} end-to-end {mode} run failed: {_last_error(log)}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _last_error(log: Path) -> str:
-    """The last exception line of a worker's log (its last line if none), for a one-line error."""
-    lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-    return (errors or lines or ["no output"])[-1][:500] + f" (log: {log})"
-
-
-def _worker_command(name: str, settings: BenchSettings) -> list[str]:
-    return [sys.executable, "-m", "flowers.bench.worker", "--backend", name,
-            "--image-size", str(settings.image_size), "--batch-size", str(settings.batch_size),
-            "--warmup", str(settings.warmup), "--images", settings.images,
-            "--e2e-epochs", str(settings.e2e_epochs),
-            "--e2e-images-per-class", str(settings.e2e_images_per_class)]
-
-
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("KERAS_BACKEND", None)  # each worker selects its own
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    return env
-
-
-def _write_atomically(folder: Path, files: dict[str, str]) -> None:
-    """Write every file to a temporary name first, then rename them all into place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = []
-    for name, text in files.items():
-        temporary = folder / f".{name}.tmp"
-        temporary.write_text(text)
-        staged.append((temporary, folder / name))
-    for temporary, final in staged:
-        os.replace(temporary, final)
+    request = {"e2e": mode, "epochs": settings.e2e_epochs,
+               "images_per_class": settings.e2e_images_per_class, **_timing_request(settings)}
+    try:
+        return run_worker(WORKER_MODULE, name, request, logs, f"bench end-to-end {mode} run", log=log)
+    except FlowersError as exc:
+        raise FlowersError(f"{exc} (log: {log})") from None

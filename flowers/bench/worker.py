@@ -1,21 +1,15 @@
 """One backend's side of `flowers bench`, run as `python -m flowers.bench.worker` by flowers.bench.
 
-Timing mode: builds the model (and the native twins) once, then answers one JSON request per stdin
-line with the seconds of each timed call, so the orchestrator can interleave backends round by
-round. End-to-end mode (--e2e standard|cache): trains the baseline job shape once in this fresh
-process and prints its figures (fresh, so its memory peaks are the job's alone).
-
-Protocol lines go to the original stdout; everything else (keras progress, C++ logs) is sent to
-stderr so it cannot corrupt the protocol.
+Timing mode (`--lines`, a workers.LineWorker): builds the model (and the native twins) once, then
+answers one JSON request per line with the seconds of each timed call, so the orchestrator can
+interleave backends round by round. End-to-end mode (a one-shot workers.run_worker request with
+"e2e": "standard" | "cache"): trains the baseline job shape once in this fresh process and returns
+its figures (fresh, so its memory peaks are the job's alone).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,42 +18,24 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config, data
-
-
-def main(argv: list[str] | None = None) -> None:
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    args = _parser().parse_args(argv)
-    backend.select(args.backend)
-    if args.e2e:
-        _send(protocol, end_to_end(args))
-        return
-    worker = Worker(args)
-    _send(protocol, {"ready": worker.describe()})
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request["task"] == "quit":
-            break
-        try:
-            _send(protocol, worker.measure(request["task"], request["steps"]))
-        except Exception as exc:  # reported to the orchestrator, which names the task
-            _send(protocol, {"error": f"{type(exc).__name__}: {exc}"})
+from flowers import backend, config, data, files, workers
+from flowers.metrics import time_calls
 
 
 class Worker:
     """The models and data of one backend, and the timed calls `flowers bench` asks for."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, request: dict[str, Any]):
+        """request: backend, image_size, batch_size, warmup, images (see flowers.bench.run)."""
         import keras
 
         self.keras = keras
-        self.backend = args.backend
-        self.image_size, self.batch_size, self.warmup = args.image_size, args.batch_size, args.warmup
-        backend.hide_gpus_from_tensorflow(self.backend)
+        self.backend = request["backend"]
+        self.image_size, self.batch_size = request["image_size"], request["batch_size"]
+        self.warmup = request["warmup"]
         keras.utils.set_random_seed(0)
-        self.data_config = _data_config(args.images, args.image_size)
-        splits = data.load(self.data_config, args.batch_size, seed=0)
+        self.data_config = _data_config(request["images"], self.image_size)
+        splits = data.load(self.data_config, self.batch_size, seed=0)
         self.num_classes = len(splits.class_names)
         self.pipeline = splits.train.repeat()
         for _ in splits.train:  # one pass fills the pipeline's cache: epochs after the first
@@ -87,14 +63,16 @@ class Worker:
             "native": self._native_factory() is not None,
         }
 
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One line of the protocol: {"task": ..., "steps": N} -> measure()'s reply."""
+        return self.measure(message["task"], message["steps"])
+
     def measure(self, task: str, steps: int) -> dict[str, Any]:
         """Time `steps` calls of `task` (after `warmup` untimed calls the first time it runs)."""
         call, images_per_call = self._task(task)
         result: dict[str, Any] = {"images_per_call": images_per_call}
         if task not in self.warmed:
-            start = time.perf_counter()
-            call(1)
-            result["first_call_s"] = time.perf_counter() - start
+            result["first_call_s"] = time_calls(lambda: call(1), 1, warmup=0)[0] / 1000
             if self.warmup > 1:
                 call(self.warmup - 1)
             self.warmed.add(task)
@@ -230,44 +208,48 @@ def model_gflops(model) -> float:
     return total / 1e9
 
 
-def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the baseline job shape once (standard or feature-cache mode) and report its figures."""
+def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
+    """Train the baseline job shape once (standard or feature-cache mode) and report its figures.
+
+    request: backend, e2e ("standard" | "cache"), epochs, images_per_class, image_size,
+    batch_size, images (see flowers.bench.run).
+    """
     from flowers.train import train
 
     workdir = Path(tempfile.mkdtemp(prefix="flowers-bench-e2e-"))
     try:
-        source = _data_config(args.images, args.image_size).source
+        source = _data_config(request["images"], request["image_size"]).source
         if source.startswith("folder:"):
             source = "folder:" + str(_subset(Path(source[7:]), workdir / "images",
-                                             args.e2e_images_per_class))
+                                             request["images_per_class"]))
         experiment = config.from_dict({
             "name": "bench-e2e",
-            "data": {"source": source, "image_size": args.image_size},
+            "data": {"source": source, "image_size": request["image_size"]},
             "model": {"weights": "none"},
-            "train": {"epochs": args.e2e_epochs, "batch_size": args.batch_size,
+            "train": {"epochs": request["epochs"], "batch_size": request["batch_size"],
                       "learning_rate": 1e-4, "latency_repeats": 2,
-                      "cache_features": args.e2e == "cache"},
+                      "cache_features": request["e2e"] == "cache"},
         })
-        start = time.perf_counter()
-        run_dir = train(experiment, args.backend, workdir / "runs")
+        start = time.perf_counter()  # one whole run: wall time of a span, not a repeated call
+        run_dir = train(experiment, request["backend"], workdir / "runs")
         wall_s = time.perf_counter() - start
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = files.read_json(run_dir / "metrics.json")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     keys = ("val_accuracy", "val_loss", "train_time_s", "feature_extraction_s", "num_train",
             "num_val", "peak_host_rss_mb", "peak_device_mem_mb", "null_reasons")
-    return {"mode": args.e2e, "wall_s": wall_s, "epochs": args.e2e_epochs,
+    return {"mode": request["e2e"], "wall_s": wall_s, "epochs": request["epochs"],
             **{k: metrics[k] for k in keys}}
 
 
 def _subset(root: Path, target: Path, per_class: int) -> Path:
     """A train/test folder of links to the first images of each class (a fixed image count)."""
     listing = data.scan_folder(root, 0.2, seed=0)
-    for split, files, labels, count in (("train", listing.train_files, listing.train_labels, per_class),
+    for split, paths, labels, count in (("train", listing.train_files, listing.train_labels, per_class),
                                         ("test", listing.val_files, listing.val_labels,
                                          max(1, per_class // 2))):
         taken: dict[int, int] = {}
-        for path, label in zip(files, labels, strict=True):
+        for path, label in zip(paths, labels, strict=True):
             if taken.get(label, 0) < count:
                 taken[label] = taken.get(label, 0) + 1
                 folder = target / split / listing.class_names[label]
@@ -283,34 +265,9 @@ def _data_config(images: str, image_size: int):
 
 
 def _repeat(fn: Callable[[], Any]) -> Callable[[int], list[float]]:
-    def timed(count: int) -> list[float]:
-        samples = []
-        for _ in range(count):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return samples
-
-    return timed
-
-
-def _send(stream, message: dict[str, Any]) -> None:
-    stream.write(json.dumps(message) + "\n")
-    stream.flush()
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flowers.bench.worker")
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("--image-size", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--images", default="", help="class folder of real photos ('' = synthetic)")
-    parser.add_argument("--e2e", choices=("standard", "cache"))
-    parser.add_argument("--e2e-epochs", type=int, default=10)
-    parser.add_argument("--e2e-images-per-class", type=int, default=20)
-    return parser
+    """count -> the seconds of each of `count` calls of fn (the warm-up is measure()'s)."""
+    return lambda count: [ms / 1000 for ms in time_calls(fn, count, warmup=0)]
 
 
 if __name__ == "__main__":
-    main()
+    workers.worker_main(run=end_to_end, start=Worker)

@@ -1,0 +1,103 @@
+"""bench.md: a header (machine, settings, versions, peak), the figures table and the targets table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowers.tables import markdown_table
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """bench.md: the figures table (median, min-max) and the targets, with the method."""
+    return "\n".join([header(results), "", figures_table(results), "", "## Targets", "",
+                      targets_table(results["targets"]), ""])
+
+
+def header(results: dict[str, Any]) -> str:
+    """Title, settings, versions, the FP32 peak and the model's GFLOP per image."""
+    f, s, peak = results["backends"], results["settings"], results["peak"]
+    names = list(f)
+    return "\n".join([
+        f"# flowers bench — {results['device']} ({results['host']['cpu_model']}, "
+        f"{results['host']['cpu_count']} logical cores)",
+        "",
+        f"{results['created']} · image {s['image_size']} px · batch {s['batch_size']} · "
+        f"{s['steps']} timed calls per figure over {s['rounds']} interleaved rounds after "
+        f"{s['warmup']} warm-up calls · images: {s['images'] or 'synthetic'}",
+        "",
+        "Versions: " + "; ".join(
+            f"{n} {f[n]['versions']['backend_version']}" for n in names)
+        + f"; keras {f[names[0]]['versions']['keras_version']}",
+        "",
+        f"FP32 peak: {_num(peak.get('fp32_gflops'), '{:.0f}')} GFLOP/s — {peak['method']}"
+        + (f"; measured float32 GEMM: {peak['gemm_gflops_measured']} GFLOP/s"
+           if "gemm_gflops_measured" in peak else ""),
+        f"Model: {f[names[0]]['gflops_per_image']:.2f} GFLOP per image (forward, counted from the "
+        "Keras layers). Figures: median (min-max).",
+    ])
+
+
+def figures_table(results: dict[str, Any]) -> str:
+    """One row per figure, one column per backend."""
+    f, s = results["backends"], results["settings"]
+    names = list(f)
+    rows = [
+        ("forward img/s, batch 1", [_rate(f[n].get("forward_b1_img_s")) for n in names]),
+        (f"forward img/s, batch {s['batch_size']}",
+         [_rate(f[n].get("forward_batch_img_s")) for n in names]),
+        ("forward GFLOP/s (share of FP32 peak)",
+         [f"{f[n]['forward_gflops']:.1f} ({_num(f[n]['forward_peak_share'], '{:.0%}')})"
+          for n in names]),
+        ("train step img/s (train_on_batch, tensors in memory)",
+         [_rate(f[n].get("train_step_img_s")) for n in names]),
+        ("fit img/s, in-memory arrays", [_rate(f[n].get("train_memory_img_s")) for n in names]),
+        ("fit img/s, tf.data pipeline", [_rate(f[n].get("train_tfdata_img_s")) for n in names]),
+        ("tf.data / in-memory (fit)", [_num(f[n]["tfdata_vs_memory"]) for n in names]),
+        ("native forward img/s", [_rate(f[n].get("native_forward_img_s")) for n in names]),
+        ("native train step img/s", [_rate(f[n].get("native_train_img_s")) for n in names]),
+        ("keras / native, forward", [_num(f[n]["keras_vs_native_forward"]) for n in names]),
+        ("keras / native, train step", [_num(f[n]["keras_vs_native_train"]) for n in names]),
+        ("native max |Δprob| / max rel. Δfeatures",
+         [("n/a" if not f[n]["native_differences"] else
+           f"{f[n]['native_differences']['probabilities_max_abs']:.1e} / "
+           f"{f[n]['native_differences']['features_max_rel']:.1e}") for n in names]),
+        ("first forward call s (compile/warm-up)",
+         [_num(f[n]["first_call_s"].get("forward_batch"), "{:.1f}") for n in names]),
+        ("device", [f[n]["device"] for n in names]),
+        ("layout / jit", [f"{f[n]['data_format']} / {'on' if f[n]['jit_compile'] else 'off'}"
+                          for n in names]),
+    ]
+    for variant in sorted({v for n in names for v in f[n]["variants"]}):
+        rows.append((f"forward img/s with {variant} (× default)",
+                     [(f"{_rate(f[n]['variants'][variant])} "
+                       f"({f[n]['variants'][variant]['vs_default']:.2f}×)"
+                       if variant in f[n]["variants"] else "—") for n in names]))
+    if any(f[n]["e2e"] for n in names):
+        e = {n: f[n]["e2e"] for n in names}
+        rows += [
+            (f"end-to-end s, standard ({s['e2e_epochs']} epochs; val acc)",
+             [f"{e[n]['standard']['wall_s']:.1f} ({e[n]['standard']['val_accuracy']:.3f})"
+              for n in names]),
+            ("end-to-end s, train.cache_features (val acc)",
+             [f"{e[n]['cache']['wall_s']:.1f} ({e[n]['cache']['val_accuracy']:.3f})" for n in names]),
+            ("feature-cache speed-up", [f"{e[n]['speedup']:.1f}×" for n in names]),
+            ("peak host RSS MiB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
+            ("peak device memory MiB", [_num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
+        ]
+    return markdown_table(["figure", *names], ([label, *cells] for label, cells in rows))
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    """Each target with its goal, the measured value and whether it is met."""
+    return markdown_table(["target", "goal", "measured", "met"], (
+        [t["target"], f"{'≥' if t['better'] == 'higher' else '≤'} {t['goal']}", _num(t["value"]),
+         "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")]
+        for t in targets))
+
+
+def _rate(entry: dict | None) -> str:
+    return "n/a" if not entry else f"{entry['median']:.1f} ({entry['min']:.1f}-{entry['max']:.1f})"
+
+
+def _num(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
