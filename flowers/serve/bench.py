@@ -19,10 +19,7 @@ Method (written into serve.json beside the figures):
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, host
+from flowers import backend, files, host, workers
 from flowers.errors import FlowersError
 from flowers.export.runtimes import FORMAT_PATHS, MANIFEST, RUNTIME_MODULES
 from flowers.serve import loadtest
+from flowers.tables import markdown_table
 
 GOALS = {"overhead_ratio_at_16": 0.8, "p99_over_p50": 3.0, "errors": 0}
 GOAL_CONCURRENCY = 16
@@ -49,6 +47,8 @@ INPROCESS_REPEATS = 10
 INPROCESS_PHOTOS = 32
 STARTUP_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 90
+ROW_HEADER = ("runtime", "max batch", "concurrency", "requests/s", "images/s", "p50 ms", "p95 ms",
+              "p99 ms", "errors", "mean batch", "in-process images/s (batch)", "overhead ratio")
 PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "torch", "jax", "onnxruntime", "ai-edge-litert",
             "fastapi", "uvicorn", "starlette", "prometheus-client", "aiohttp", "pillow", "numpy")
 
@@ -99,7 +99,7 @@ def parse_runtimes(version_dir: Path, text: str | None) -> tuple[str, ...]:
 def run_bench_serve(settings: BenchServeSettings, out_root: Path,
                     progress: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
     """Measure every runtime (see the module docstring); write serve.json and serve.md."""
-    from flowers.bench import _write_atomically, device_slug
+    from flowers.bench import device_slug
 
     photos = loadtest.load_photos(Path(settings.images))
     version_dir = Path(settings.version_dir)
@@ -135,12 +135,12 @@ def run_bench_serve(settings: BenchServeSettings, out_root: Path,
         "version_dir": str(version_dir.resolve()),
         "manifest": {k: _manifest(version_dir).get(k) for k in ("experiment", "version", "input")},
         "settings": asdict(settings), "host": machine, "gpus": gpus,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": host.package_versions(PACKAGES),
         "method": __doc__.split("Method (written into serve.json beside the figures):")[1].strip(),
         "in_process": in_process, "rows": rows, "goals": evaluate_goals(rows, settings.max_batch),
     }
     out_dir = out_root / "serve" / device_slug(gpus[0] if gpus else "cpu", machine)
-    _write_atomically(out_dir, {"serve.json": json.dumps(results, indent=2) + "\n",
+    files.write_files(out_dir, {"serve.json": json.dumps(results, indent=2) + "\n",
                                 "serve.md": markdown(results)})
     return results, out_dir
 
@@ -175,24 +175,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"Levels {', '.join(map(str, s['concurrency']))}: {s['requests']} requests or "
         f"{s['duration_s']:g} s each, 1 photo per request; --max-wait-ms {s['max_wait_ms']:g}.",
         "",
-        "| runtime | max batch | concurrency | requests/s | images/s | p50 ms | p95 ms | p99 ms | errors "
-        "| mean batch | in-process images/s (batch) | overhead ratio |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        markdown_table(ROW_HEADER, ([
+            r["runtime"], r["max_batch"], r["concurrency"], f"{r['requests_per_s']:.1f}",
+            f"{r['images_per_s']:.1f}", _num(r["latency_p50_ms"]), _num(r["latency_p95_ms"]),
+            _num(r["latency_p99_ms"]), r["errors"], _num(r["mean_batch"], "{:.1f}"),
+            f"{r['in_process_images_per_s']:.1f} ({r['in_process_batch']})",
+            f"{r['overhead_ratio']:.2f}"] for r in results["rows"]), align="l" + "r" * 11),
     ]
-    for r in results["rows"]:
-        lines.append(
-            f"| {r['runtime']} | {r['max_batch']} | {r['concurrency']} | {r['requests_per_s']:.1f} | "
-            f"{r['images_per_s']:.1f} | {_num(r['latency_p50_ms'])} | {_num(r['latency_p95_ms'])} | "
-            f"{_num(r['latency_p99_ms'])} | {r['errors']} | {_num(r['mean_batch'], '{:.1f}')} | "
-            f"{r['in_process_images_per_s']:.1f} ({r['in_process_batch']}) | {r['overhead_ratio']:.2f} |")
     gains = batching_gains(results["rows"], s["max_batch"])
     if gains:
         lines += ["", f"What batching buys: images/s with --max-batch {s['max_batch']} / with --max-batch 1.",
-                  "", "| runtime | " + " | ".join(f"concurrency {c}" for c in s["concurrency"]) + " |",
-                  "| --- |" + " ---: |" * len(s["concurrency"])]
-        for runtime, by_level in gains.items():
-            lines.append(f"| {runtime} | " + " | ".join(_num(by_level.get(c), "{:.2f}x")
-                                                        for c in s["concurrency"]) + " |")
+                  "", markdown_table(
+                      ["runtime", *(f"concurrency {c}" for c in s["concurrency"])],
+                      ([runtime, *(_num(by_level.get(c), "{:.2f}x") for c in s["concurrency"])]
+                       for runtime, by_level in gains.items()),
+                      align="l" + "r" * len(s["concurrency"]))]
     lines += ["", "Goals (at concurrency 16, the runtime serving the most images/s):", ""]
     for goal in results["goals"]:
         met = {True: "met", False: "missed", None: "not measured"}[goal["met"]]
@@ -218,15 +215,11 @@ def batching_gains(rows: list[dict[str, Any]], max_batch: int) -> dict[str, dict
 def measure_in_process(model_path: Path, keras_backend: str, sizes: Sequence[int],
                        images: Path) -> dict[str, Any]:
     """In-process images/s of a runtime at each batch size, measured in a fresh process."""
-    command = [sys.executable, "-m", "flowers.serve.bench", str(model_path), keras_backend or "tensorflow",
-               ",".join(map(str, sizes)), str(images)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("KERAS_BACKEND", None)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=STARTUP_TIMEOUT_S)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
-        raise FlowersError(f"in-process measurement of {model_path} failed: {lines[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    request = {"model": str(model_path), "sizes": list(sizes), "images": str(images)}
+    with tempfile.TemporaryDirectory(prefix="flowers-bench-serve-") as work_dir:
+        return workers.run_worker("flowers.serve.bench", keras_backend or "tensorflow", request,
+                                  Path(work_dir), f"in-process measurement of {model_path}",
+                                  timeout_s=STARTUP_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -238,12 +231,11 @@ def running_server(version_dir: Path, fmt: str, keras_backend: str, max_batch: i
     command = [sys.executable, "-m", "flowers.cli", "serve", str(version_dir), "--runtime", fmt,
                "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch),
                "--max-wait-ms", str(max_wait_ms), *(["--backend", keras_backend] if keras_backend else [])]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for name in ("KERAS_BACKEND", "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE"):
-        env.pop(name, None)
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # the Vertex AI variables would override --port and the routes
+        process = workers.start_process(command, log, drop_env=(
+            "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE"))
         try:
             try:
                 wait_until_ready(url, process, STARTUP_TIMEOUT_S)
@@ -274,13 +266,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> N
 
 def stop(process: subprocess.Popen) -> int:
     """SIGTERM, wait for the graceful exit, SIGKILL after STOP_TIMEOUT_S; returns the exit status."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return process.wait()
+    return workers.stop_process(process, STOP_TIMEOUT_S)
 
 
 def free_port() -> int:
@@ -314,48 +300,30 @@ def _installed(modules: Sequence[str]) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _manifest(version_dir: Path) -> dict[str, Any]:
-    from flowers.runs import read_json
-
-    return read_json(version_dir / MANIFEST)
+    return files.read_json(version_dir / MANIFEST)
 
 
-def _in_process_main(argv: list[str]) -> None:
-    """python -m flowers.serve.bench MODEL BACKEND SIZES IMAGES: one JSON line on stdout."""
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # keras and runtime chatter must not corrupt the JSON line
-    model_path, keras_backend, sizes_text, images = argv
-    name = backend.select(keras_backend)
-    backend.hide_gpus_from_tensorflow(name)
+def _in_process(request: dict[str, Any]) -> dict[str, Any]:
+    """The child side of measure_in_process: request model, sizes, images, backend -> figures."""
     from flowers import data
     from flowers.export import runtimes
     from flowers.metrics import time_calls
 
-    try:
-        model = runtimes.open_model(model_path)
-        files = sorted(p for p in Path(images).rglob("*") if p.suffix.lower() in loadtest.PHOTO_SUFFIXES)
-        photos = data.load_image_files(files[:INPROCESS_PHOTOS], model.image_size).astype(np.float32)
-    except FlowersError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    model = runtimes.open_model(request["model"])
+    photo_files = sorted(p for p in Path(request["images"]).rglob("*")
+                         if p.suffix.lower() in loadtest.PHOTO_SUFFIXES)
+    photos = data.load_image_files(photo_files[:INPROCESS_PHOTOS], model.image_size).astype(np.float32)
     images_per_s, p50_ms = {}, {}
-    for size in (int(s) for s in sizes_text.split(",")):
+    for size in request["sizes"]:
         batch = np.resize(photos, (size, *photos.shape[1:]))
         seconds = float(np.median(time_calls(lambda b=batch: model.predict(b), INPROCESS_REPEATS))) / 1000
         images_per_s[str(size)], p50_ms[str(size)] = size / seconds, seconds * 1000
     # onnxruntime (CPUExecutionProvider) and LiteRT run on the CPU whatever TensorFlow sees.
-    device = backend.device(name) if model.format in ("keras", "savedmodel") else "cpu"
-    protocol.write(json.dumps({"runtime": model.runtime, "device": device,
-                               "images_per_s": images_per_s, "call_p50_ms": p50_ms}) + "\n")
-    protocol.flush()
+    device = backend.device(request["backend"]) if model.format in ("keras", "savedmodel") else "cpu"
+    return {"runtime": model.runtime, "device": device, "images_per_s": images_per_s,
+            "call_p50_ms": p50_ms}
 
 
 if __name__ == "__main__":
-    _in_process_main(sys.argv[1:])
+    workers.worker_main(run=_in_process)
