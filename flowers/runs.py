@@ -125,6 +125,3 @@ def complete_runs(root: Path, experiment: str | None = None,
             all((p / f).is_file() for f in RUN_FILES)]
     return sorted(runs, key=lambda p: p.name)
 
-
-# Old names kept while the callers move to flowers.files (removed in the same change).
-read_json, write_json, make_public_dir = files.read_json, files.write_json, files.make_public_dir

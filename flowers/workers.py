@@ -37,6 +37,7 @@ from flowers import files
 from flowers.errors import FlowersError
 
 LINES_FLAG = "--lines"
+Process = subprocess.Popen  # what start_process returns
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b")
 
 

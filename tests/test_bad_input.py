@@ -84,9 +84,9 @@ def test_offline_imagenet_weights_say_what_to_do(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     incomplete = tmp_path / "smoke" / "tensorflow" / ".incomplete-20260101-000000-abcd"
     incomplete.mkdir(parents=True)
-    from flowers import config, runs
+    from flowers import config, files
 
-    runs.write_json(incomplete / "config.json", {
+    files.write_json(incomplete / "config.json", {
         "run_id": "20260101-000000-abcd", "backend": "tensorflow",
         "experiment": config.load_experiment("smoke").to_dict()})
     error = one_line_error(flowers("train", "-e", "smoke", "--backend", "tensorflow", "--resume",

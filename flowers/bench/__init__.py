@@ -1,13 +1,13 @@
 """`flowers bench`: every backend against native code and the hardware (used only by that command).
 
 run        orchestration: worker processes driven round by round, figures, targets, bench.json/.md
-markdown   bench.md: header, figures table, targets table
+render     bench.md: header, figures table, targets table
 worker     one backend's side, in its own process (python -m flowers.bench.worker)
 native     the same network as plain PyTorch and a plain tf.function, for the keras/native ratios
 hardware   the device's FP32 peak, from a table of GPUs or measured on the CPU
 """
 
-from flowers.bench.markdown import markdown  # the function shadows the submodule's name here
+from flowers.bench.render import markdown
 from flowers.bench.run import DEFAULT_IMAGES, VARIANT_KEYS, BenchSettings, device_slug, run_bench
 
 __all__ = ["DEFAULT_IMAGES", "VARIANT_KEYS", "BenchSettings", "device_slug", "markdown", "run_bench"]

@@ -35,7 +35,7 @@ import numpy as np
 
 from flowers import backend, config, files, host
 from flowers.bench import hardware
-from flowers.bench.markdown import markdown
+from flowers.bench.render import markdown
 from flowers.errors import FlowersError
 from flowers.workers import LineWorker, run_worker
 

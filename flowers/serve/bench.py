@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -248,7 +247,7 @@ def running_server(version_dir: Path, fmt: str, keras_backend: str, max_batch: i
             stop(process)
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+def wait_until_ready(url: str, process: workers.Process, timeout_s: float) -> None:
     """Poll GET /health until 200; raises FlowersError if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -264,7 +263,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> N
     raise FlowersError(f"server not ready after {timeout_s:g} s")
 
 
-def stop(process: subprocess.Popen) -> int:
+def stop(process: workers.Process) -> int:
     """SIGTERM, wait for the graceful exit, SIGKILL after STOP_TIMEOUT_S; returns the exit status."""
     return workers.stop_process(process, STOP_TIMEOUT_S)
 
