@@ -38,13 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowers.config import DISTRIBUTIONS
 from flowers.errors import FlowersError, PeerLost
 
 TIMEOUT_ENV = "FLOWERS_COLLECTIVE_TIMEOUT_S"
 TF_CPU_DEVICES_ENV = "FLOWERS_TF_CPU_DEVICES"
-# torch support verified with this Keras release (no keras.distribution for torch in it).
-KERAS_VERIFIED = "3.15.1"
 
 
 @dataclass(frozen=True)
@@ -248,9 +245,6 @@ def setup(distribution: str, backend_name: str, batch_size: int) -> Engine:
         FlowersError: see check_request; a global batch that does not divide by the replicas; a
             cluster that cannot be joined within the collective timeout.
     """
-    if distribution not in DISTRIBUTIONS:
-        raise FlowersError(f"train.distribution={distribution!r}: choose one of "
-                           f"{', '.join(DISTRIBUTIONS)}")
     cluster = check_request(distribution, backend_name, batch_size)
     if distribution == "none":
         return Engine(cluster)

@@ -140,8 +140,8 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     if not engine.is_chief:  # the chief reports; every process would print the same lines
         progress = None
         say = _silent
-    if engine.summary(cfg.train.batch_size):
-        say(engine.summary(cfg.train.batch_size))
+    if summary := engine.summary(cfg.train.batch_size):
+        say(summary)
     keras.utils.set_random_seed(cfg.train.seed)
     keras.config.set_dtype_policy(cfg.train.dtype_policy)
     backend.hide_gpus_from_tensorflow(backend_name)
