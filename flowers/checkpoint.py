@@ -69,6 +69,13 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
         self._weights_path = str(state / WEIGHTS_FILE)
         self._training_metadata_path = str(state / METADATA_FILE)
 
+    def on_train_begin(self, logs=None):
+        # model._initial_epoch is where BackupAndRestore tells fit() to start; it outlives a fit()
+        # call, so a later phase's fit would start at the previous phase's restored epoch. Cleared
+        # here, set again by the restore below when this checkpoint has a state.
+        self.model._initial_epoch = None
+        super().on_train_begin(logs)
+
     def _save_model(self):
         with files.staging_dir(self._backup) as staging:
             self.model.save_weights(str(staging / WEIGHTS_FILE))

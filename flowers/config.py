@@ -1,6 +1,6 @@
 """Experiments: the TOML files in experiments/, their validation and `--set section.key=value` overrides.
 
-An experiment is three frozen sections ([data], [model], [train]). Every knob that changes a result
+An experiment is four frozen sections ([data], [model], [train], [finetune]). Every knob that changes a result
 lives here, so a run's config.json says everything needed to repeat it. Validation happens before any
 heavy import or data loading: a typo costs a second, not a model build.
 """
@@ -47,9 +47,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier: ResNet50 backbone + GAP -> Dense(head_units, relu) -> Dropout -> softmax."""
+    """The classifier: a backbone + GAP -> Dense(head_units, relu) -> Dropout -> softmax."""
 
-    # "imagenet" | "none" | path to a ResNet50 (include_top=False) weights file
+    # a keras.applications name ("ResNet50", "MobileNetV3Small", ...), "package.module:function"
+    # (a team's own backbone) or "hub:PRESET" (KerasHub); see flowers/backbones.py
+    backbone: str = "ResNet50"
+    # "imagenet" | "none" | path to the backbone's (include_top=False) weights file; a custom
+    # backbone function receives the value as its `weights` argument
     weights: str = "imagenet"
     freeze_backbone: bool = True
     head_units: int = 128
@@ -78,13 +82,31 @@ class TrainConfig:
     # "none" or "data_parallel": the global batch split over every device of every process
     # (flowers/distribute.py; `flowers train --distribute data-parallel` sets it)
     distribution: str = "none"
+    # learning rate over each phase's steps: "constant" or "cosine" (decays to 0 by the phase's end)
+    lr_schedule: str = "constant"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The second phase of transfer learning: unfreeze backbone layers, train on at a lower rate."""
+
+    # epochs after the head-only phase (train.epochs); 0 = no fine-tuning
+    epochs: int = 0
+    learning_rate: float = 1e-5
+    # "all", a number N (the backbone's last N layers) or a layer name (that layer and every one
+    # after it; a name prefix such as "conv5" means the first layer whose name starts with it)
+    unfreeze: str = "all"
 
 
 DATA_FORMATS = ("auto", "channels_last", "channels_first")
 JIT_COMPILE = ("auto", "true", "false")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 DISTRIBUTIONS = ("none", "data_parallel")
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+LR_SCHEDULES = ("constant", "cosine")
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "finetune": FinetuneConfig}
+# String settings that may also be written as a whole number in TOML (kept as its text)
+NUMBER_OR_TEXT = {"finetune.unfreeze"}
 SOURCE_KINDS = ("tfds:NAME", "folder:PATH", "synthetic")
 # Keys that existed once: refused in experiment files and --set (with the reason), dropped when an
 # older run's config.json is read so that its model still evaluates and exports.
@@ -96,13 +118,19 @@ REMOVED_KEYS = {
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment: a name, a description and the three sections."""
+    """One experiment: a name, a description and the sections."""
 
     name: str
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    finetune: FinetuneConfig = FinetuneConfig()
     description: str = ""
+
+    @property
+    def total_epochs(self) -> int:
+        """Head-only epochs plus fine-tuning epochs (the run's epochs, numbered continuously)."""
+        return self.train.epochs + self.finetune.epochs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +223,8 @@ def from_dict(raw: Mapping[str, Any], name: str | None = None, origin: str = "co
             field_type = _field_types(cls).get(key)
             if field_type is None:
                 raise _unknown_key(section, key)
+            if f"{section}.{key}" in NUMBER_OR_TEXT and type(value) is int:
+                value = str(value)
             kwargs[key] = _check_type(f"{section}.{key}", value, field_type)
         sections[section] = cls(**kwargs)
     experiment = Experiment(
@@ -232,8 +262,8 @@ def apply_overrides(experiment: Experiment, overrides: Iterable[str]) -> Experim
 
 def validate(experiment: Experiment) -> None:
     """Range and consistency checks; raises FlowersError naming the key and the bad value."""
-    d, m, t = experiment.data, experiment.model, experiment.train
-    _require(d.image_size >= 32, "data.image_size", d.image_size, "must be >= 32 (ResNet50 minimum)")
+    d, m, t, f = experiment.data, experiment.model, experiment.train, experiment.finetune
+    _require(d.image_size >= 32, "data.image_size", d.image_size, "must be >= 32")
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     for key in ("synthetic_train_images", "synthetic_val_images"):
         _require(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
@@ -244,8 +274,13 @@ def validate(experiment: Experiment) -> None:
     if m.weights not in ("imagenet", "none") and not resolve_path(m.weights).is_file():
         raise FlowersError(
             f"model.weights={m.weights!r}: weights file not found; use 'imagenet', 'none' "
-            "or the path of a ResNet50 (include_top=False) weights file"
+            f"or the path of a {m.backbone} (include_top=False) weights file"
         )
+    _require(bool(m.backbone.strip()), "model.backbone", m.backbone,
+             "must name a backbone, e.g. ResNet50, MobileNetV3Small or package.module:function")
+    from flowers import backbones  # keras-free: the name, size and layout checks of the table
+
+    backbones.check(m.backbone, d.image_size, m.data_format)
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
@@ -259,6 +294,19 @@ def validate(experiment: Experiment) -> None:
              f"must be one of {', '.join(DTYPE_POLICIES)}")
     _require(t.distribution in DISTRIBUTIONS, "train.distribution", t.distribution,
              f"must be one of {', '.join(DISTRIBUTIONS)}")
+    _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", t.lr_schedule,
+             f"must be one of {', '.join(LR_SCHEDULES)}")
+    _require(f.epochs >= 0, "finetune.epochs", f.epochs, "must be >= 0 (0 = no fine-tuning)")
+    _require(f.learning_rate > 0, "finetune.learning_rate", f.learning_rate, "must be > 0")
+    unfreeze = f.unfreeze.strip()
+    _require(bool(unfreeze), "finetune.unfreeze", f.unfreeze,
+             "must be 'all', a number of layers or a layer name")
+    if unfreeze.lstrip("-").isdigit():
+        _require(int(unfreeze) >= 1, "finetune.unfreeze", f.unfreeze,
+                 "a number of layers must be >= 1")
+    if f.epochs and not m.freeze_backbone:
+        raise FlowersError("finetune.epochs > 0 needs model.freeze_backbone=true: the head-only "
+                           "phase trains a frozen backbone, fine-tuning then unfreezes part of it")
     if t.cache_features and (d.augment or not m.freeze_backbone):
         why = "data.augment=true changes every epoch's images" if d.augment else \
             "model.freeze_backbone=false changes the backbone every step"

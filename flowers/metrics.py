@@ -42,8 +42,9 @@ METRIC_KEYS = (
     "experiment", "backend", "backend_version", "keras_version", "tensorflow_version",
     "python_version", "device", "host", "config_hash", "run_id", "created", "resumed",
     "num_train", "num_val", "num_classes", "skipped_files", "data_cached",
-    "data_format", "jit_compile", "dtype_policy", "distribution", "replicas", "processes",
-    "epochs", "feature_extraction_s", "train_time_s", "epoch_times_s", "first_epoch_s", "warmup_epochs",
+    "backbone", "data_format", "jit_compile", "dtype_policy", "distribution", "replicas", "processes",
+    "epochs", "finetune_epochs", "phase_times_s", "feature_extraction_s", "train_time_s",
+    "epoch_times_s", "first_epoch_s", "warmup_epochs",
     "train_images_per_s",
     "peak_host_rss_mb", "peak_device_mem_mb", "eval_time_s", "latency_ms",
     "val_loss", "val_accuracy", "val_top5_accuracy",
@@ -145,6 +146,10 @@ def read_metrics(path: Path) -> dict[str, Any]:
     # Runs from before data-parallel training ran on one device in one process.
     for key, value in (("distribution", "none"), ("replicas", 1), ("processes", 1)):
         metrics.setdefault(key, value)
+    # Runs from before model.backbone and [finetune]: ResNet50, head-only, every epoch run.
+    metrics.setdefault("backbone", "ResNet50")
+    metrics.setdefault("finetune_epochs", 0)
+    metrics.setdefault("phase_times_s", {"head": metrics.get("train_time_s")})
     missing = [k for k in (*METRIC_KEYS, "null_reasons") if k not in metrics]
     if missing:
         raise FlowersError(f"{path}: metrics.json lacks {', '.join(missing)}")

@@ -1,7 +1,8 @@
 """The one model definition used by every backend, and saving/loading it with its class names.
 
-build_model() puts ResNet50's preprocess_input INSIDE the model, so every saved or exported model
-takes plain RGB images (0..255) and nobody has to remember the caffe-style BGR/mean-subtraction step.
+build_model() puts the backbone's preprocessing INSIDE the model (the family's preprocess_input, or the
+application's own preprocessing layers; flowers/backbones.py), so every saved or exported model takes
+plain RGB images (0..255) and nobody has to remember a per-family scaling step.
 
 The model trains on logits: Keras computes sparse categorical cross-entropy from probabilities
 differently per backend (exact from the softmax's logits under tensorflow, from probabilities clipped
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import keras
 
+from flowers import backbones
 from flowers import weights as imagenet_weights
 from flowers.config import ModelConfig, resolve_path
 from flowers.errors import FlowersError
@@ -32,20 +34,39 @@ PROBABILITIES_LAYER = "probabilities"
 
 
 @keras.saving.register_keras_serializable(package="flowers")
-class ResNet50Preprocess(keras.layers.Layer):
-    """RGB images in 0..255 -> ResNet50 input (RGB->BGR, ImageNet channel means subtracted)."""
+class ImagenetPreprocess(keras.layers.Layer):
+    """RGB images in 0..255 -> a keras.applications family's input (imagenet_utils mode)."""
+
+    def __init__(self, mode: str = "caffe", **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
 
     def call(self, images):
         images = keras.ops.cast(images, self.compute_dtype)
         # The model's input is always channels_last RGB, whatever layout the backbone uses.
-        return keras.applications.resnet50.preprocess_input(images, data_format="channels_last")
+        return backbones.preprocess_images(images, self.mode)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="flowers")
+class ResNet50Preprocess(ImagenetPreprocess):
+    """RGB images in 0..255 -> ResNet50 input (RGB->BGR, ImageNet channel means subtracted).
+
+    The layer of models saved before model.backbone existed (they still load).
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.pop("mode", None)
+        super().__init__(mode="caffe", **kwargs)
 
 
 def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
-    """Build the classifier: preprocessing -> ResNet50 -> GAP -> Dense relu -> Dropout -> logits.
+    """Build the classifier: preprocessing -> backbone -> GAP -> Dense relu -> Dropout -> logits.
 
     Args:
-        config: the [model] section (weights, freeze_backbone, head_units, dropout).
+        config: the [model] section (backbone, weights, freeze_backbone, head_units, dropout).
         image_size: side of the square RGB input.
         num_classes: number of classes (logits per image).
 
@@ -55,31 +76,54 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
         the probability-returning model that is saved and exported.
 
     Raises:
-        FlowersError: fewer than 2 classes, ImageNet weights unavailable, or an unusable weights file.
+        FlowersError: fewer than 2 classes, an unusable backbone, ImageNet weights unavailable, or
+            an unusable weights file.
     """
     if num_classes < 2:
         raise FlowersError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
-    imagenet_weights.check_available(config.weights)
-    weights = None if config.weights == "none" else config.weights
-    if weights not in (None, "imagenet"):
+    spec = backbones.check(config.backbone, image_size, config.data_format)
+    imagenet_weights.check_available(spec, config.weights)
+    weights = config.weights
+    if weights not in ("none", "imagenet"):
         weights = str(resolve_path(weights))
 
-    data_format = resolve_data_format(config.data_format)
+    data_format = resolve_data_format(config)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = ResNet50Preprocess(name="resnet50_preprocess")(inputs)
+    x = inputs
+    if spec.preprocess:
+        # the family's preprocess_input inside the model (applications that preprocess inside
+        # themselves, custom and KerasHub backbones get RGB 0..255)
+        x = ImagenetPreprocess(spec.preprocess, name=f"{spec.module}_preprocess")(x)
     if data_format == "channels_first":
         x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
-    backbone = _resnet50(config.weights, weights, image_size, data_format)
+    backbone = backbones.build(spec, weights, image_size, data_format)
     backbone.trainable = not config.freeze_backbone
-    # A frozen backbone also keeps its BatchNorm layers in inference mode (transfer-learning rule).
+    # A frozen backbone also keeps its BatchNorm layers in inference mode (transfer-learning rule);
+    # fine-tuning (flowers.finetune) unfreezes layers of this same graph, so BatchNorm stays there.
     x = backbone(x, training=False) if config.freeze_backbone else backbone(x)
-    x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
+    if len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
+    else:  # a custom backbone that pools its own features
+        x = keras.layers.Identity(name="avg_pool")(x)
     x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
     # float32 logits even under a mixed-precision policy, so the loss is computed in float32
     # (keras mixed-precision guide)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
-    return keras.Model(inputs, outputs, name="flowers_resnet50")
+    return keras.Model(inputs, outputs, name=f"flowers_{_identifier(spec.name)}")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The backbone inside a model from build_model (its one nested keras.Model)."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise FlowersError(f"model {model.name!r} has {len(nested)} nested models; expected one "
+                           "backbone")
+    return nested[0]
+
+
+def _identifier(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
 def with_probabilities(model: keras.Model) -> keras.Model:
@@ -131,12 +175,15 @@ def _softmax_output(model: keras.Model) -> keras.layers.Layer | None:
     return None
 
 
-def resolve_data_format(data_format: str) -> str:
-    """model.data_format, with "auto" replaced by the measured-fastest layout for this backend."""
-    if data_format != "auto":
-        return data_format
+def resolve_data_format(config: ModelConfig) -> str:
+    """model.data_format, with "auto" replaced by the measured-fastest layout for this backend
+    (channels_last for backbones that compute only that, see flowers.backbones)."""
+    if config.data_format != "auto":
+        return config.data_format
     from flowers.backend import preferred_data_format
 
+    if not backbones.resolve(config.backbone).channels_first:
+        return "channels_last"
     return preferred_data_format(keras.backend.backend())
 
 
@@ -146,7 +193,7 @@ def portable(model: keras.Model, config: ModelConfig, image_size: int, num_class
     Keras stores kernels in one layout whatever data_format a layer computes in, so the weights
     of a channels_first model load unchanged into its channels_last twin.
     """
-    if resolve_data_format(config.data_format) == "channels_last":
+    if resolve_data_format(config) == "channels_last":
         return model
     twin = build_model(dataclasses.replace(config, weights="none", data_format="channels_last"),
                        image_size, num_classes)
@@ -166,22 +213,6 @@ def head(model: keras.Model) -> keras.Model:
     for name in ("head_dense", "head_dropout", LOGITS_LAYER):
         x = model.get_layer(name)(x)
     return keras.Model(features, x, name="head")
-
-
-def _resnet50(requested: str, weights: str | None, image_size: int, data_format: str) -> keras.Model:
-    shape = (image_size, image_size, 3) if data_format == "channels_last" else (3, image_size, image_size)
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format(data_format)  # keras.applications reads the global setting
-    try:
-        return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
-    except Exception as exc:  # keras raises bare Exception for failed downloads
-        if weights == "imagenet":
-            raise FlowersError(f"could not download ResNet50 ImageNet weights ({exc}); use "
-                               "--set model.weights=none or model.weights=PATH") from None
-        raise FlowersError(f"model.weights={requested!r}: not a ResNet50 (include_top=False) "
-                           f"weights file: {exc}") from None
-    finally:
-        keras.config.set_image_data_format(previous)
 
 
 def save_model(model: keras.Model, path: Path, class_names: list[str]) -> None:

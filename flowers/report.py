@@ -78,7 +78,8 @@ ROWS = (
     Row("val_top5_accuracy", "val top-5 accuracy", "", "higher", decimals=4),
 )
 # How each run was set up, shown at the top of the table when the runs record it.
-SETUP_KEYS = (("backend_version", "backend version"), ("data_format", "data format"),
+SETUP_KEYS = (("backbone", "backbone"), ("finetune_epochs", "fine-tuning epochs"),
+              ("backend_version", "backend version"), ("data_format", "data format"),
               ("jit_compile", "jit compile"), ("dtype_policy", "dtype policy"),
               ("distribution", "distribution"), ("replicas", "replicas"), ("processes", "processes"))
 DISTRIBUTION_KEYS = ("distribution", "replicas", "processes")
@@ -318,6 +319,9 @@ def render_markdown(comparison: dict[str, Any]) -> str:
         "",
         f"- **device**: {', '.join(comparison['devices'])}",
         f"- **host**: {_host_summary(columns)}",
+        f"- **model**: {_same(columns, 'backbone')} backbone + head"
+        + (f", fine-tuned {_same(columns, 'finetune_epochs')} epochs"
+           if any(c.get("finetune_epochs") for c in columns) else ", head trained (frozen backbone)"),
         f"- **experiment config hash**: {', '.join(comparison['config_hashes'])}",
         f"- **versions**: keras {_same(columns, 'keras_version')}, tensorflow (tf.data) "
         f"{_same(columns, 'tensorflow_version')}, python {_same(columns, 'python_version')}; "

@@ -18,12 +18,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backend, data, distribute, files, host, runs, weights
+from flowers import backbones, backend, data, distribute, files, host, runs, weights
 from flowers.checkpoint import EpochCheckpoint, restored_epoch
 from flowers.config import Experiment
 from flowers.errors import FlowersError
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
 from flowers.model import (
+    backbone_of,
     build_model,
     compile_model,
     feature_extractor,
@@ -55,6 +56,10 @@ class EpochTimer(keras.callbacks.Callback):
         self._first_in_process = True
         self._epoch = 0
         self._start = self._train_end = 0.0
+
+    def compiled_again(self) -> None:
+        """The next epoch traces/compiles again (a new phase recompiles the model): warm-up too."""
+        self._first_in_process = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -145,7 +150,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     keras.utils.set_random_seed(cfg.train.seed)
     keras.config.set_dtype_policy(cfg.train.dtype_policy)
     backend.hide_gpus_from_tensorflow(backend_name)
-    weights.check_available(cfg.model.weights)
+    weights.check_available(backbones.resolve(cfg.model.backbone), cfg.model.weights)
     say(f"data: reading {cfg.data.source}")
     splits = data.load(cfg.data, cfg.train.batch_size, cfg.train.seed)
     say(f"data: {splits.summary()}" + (", decoded and cached in memory" if splits.cached else ""))
@@ -157,10 +162,13 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
                            f"{splits.num_train} training images < train.batch_size="
                            f"{cfg.train.batch_size}")
     num_classes = len(splits.class_names)
-    say(f"model: building ResNet50 ({cfg.model.weights} weights) + head, {num_classes} classes")
+    say(f"model: building {cfg.model.backbone} ({cfg.model.weights} weights) + head, "
+        f"{num_classes} classes")
     with engine.scope():
         model = build_model(cfg.model, cfg.data.image_size, num_classes)
         compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
+    if cfg.finetune.epochs:  # a bad finetune.unfreeze is refused before the run directory exists
+        check_unfreeze(model, cfg.finetune.unfreeze)
 
     run_dir = resume_dir
     if run_dir is None and engine.is_chief:
@@ -186,7 +194,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     if splits.skipped_files:
         files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
     files.write_json(run_dir / "metrics.json", metrics)
-    _dedupe_history(run_dir / "history.csv")
+    _dedupe_history(run_dir / "history.csv", cfg.train.epochs)
     save_model(portable(model, cfg.model, cfg.data.image_size, num_classes), run_dir / "model.keras",
                splits.class_names)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
@@ -194,65 +202,199 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     return runs.finalize(run_dir)
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One fit() of a run: the head-only phase, then (finetune.epochs > 0) fine-tuning.
+
+    Epochs are numbered continuously over the phases: fine-tuning's first epoch is train.epochs.
+    """
+
+    name: str
+    start: int
+    end: int
+    learning_rate: float
+
+    @property
+    def epochs(self) -> range:
+        return range(self.start, self.end)
+
+
+def phases(cfg: Experiment) -> list[Phase]:
+    head_phase = Phase("head", 0, cfg.train.epochs, cfg.train.learning_rate)
+    if not cfg.finetune.epochs:
+        return [head_phase]
+    return [head_phase, Phase("finetune", cfg.train.epochs, cfg.total_epochs, cfg.finetune.learning_rate)]
+
+
+class PhaseWeights(keras.callbacks.Callback):
+    """Publishes the full model's weights after the head phase's last epoch (before its checkpoint).
+
+    The head phase's checkpoint holds what that phase fit (in feature-cache mode only the head);
+    fine-tuning starts from these weights when a run resumes between the two phases.
+    """
+
+    def __init__(self, model: keras.Model, folder: Path, last_epoch: int):
+        super().__init__()
+        self.full_model, self.folder, self.last_epoch = model, folder, last_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.last_epoch:
+            with files.staging_dir(self.folder.parent) as staging:
+                np.savez(staging / "weights.npz", *self.full_model.get_weights())
+                files.publish_dir(staging, self.folder, replace=True)
+
+    @staticmethod
+    def restore(model: keras.Model, folder: Path) -> None:
+        with np.load(folder / "weights.npz") as saved:
+            model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+
+
 def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path, backend_name: str,
         engine: distribute.Engine | None = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
         progress: Callable[[str], None] | None = None) -> Fitted:
-    """model.fit for cfg.train.epochs, continuing from run_dir's checkpoint when it has one.
+    """model.fit for every phase of the run, continuing from run_dir's checkpoint when it has one.
 
     Every epoch publishes its state (flowers.checkpoint), its times (progress.json) and its history
-    row, so an interrupted run resumes at the last finished epoch with the batches it would have read.
-    Under data-parallel training every process keeps its own checkpoint; only the chief writes the
-    times, history and TensorBoard logs.
+    row, so an interrupted run resumes at the last finished epoch with the batches it would have
+    read, in the phase that epoch belongs to. Under data-parallel training every process keeps its
+    own checkpoint; only the chief writes the times, history and TensorBoard logs.
     """
     engine = engine or distribute.Engine()
     say = progress or (lambda line: None)
     backup_dir = engine.backup_dir(run_dir)
+    finetune_dir, boundary_dir = backup_dir / "finetune", backup_dir / "head-final"
     # every process starts at the newest epoch all of them have saved
-    first_epoch = engine.minimum(restored_epoch(backup_dir))
+    first_epoch = engine.minimum(restored_epoch(finetune_dir) or restored_epoch(backup_dir))
     if first_epoch:
-        say(f"resume: {first_epoch} of {cfg.train.epochs} epochs done; continuing")
+        say(f"resume: {first_epoch} of {cfg.total_epochs} epochs done; continuing")
     timer = EpochTimer(run_dir / "progress.json") if engine.is_chief else None
     chief_callbacks = [
         timer,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, profile_batch=0),
-        *([EpochProgress(progress, cfg.train.epochs)] if progress else []),
+        *([EpochProgress(progress, cfg.total_epochs)] if progress else []),
     ] if engine.is_chief else []
-    fit_callbacks = [
-        # The engine's first (torch: rank 0's weights everywhere before training; logs averaged
-        # over the processes before anything records them).
-        *engine.callbacks(),
-        *chief_callbacks,
-        # After the epoch's times and history row are written, so a kill between the two leaves a
-        # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
-        EpochCheckpoint(backup_dir, first_epoch),
-        *callbacks,
-    ]
     num_classes = len(splits.class_names)
-    if cfg.train.cache_features:
-        say("features: computing the frozen backbone's features once (train.cache_features)")
-        start = time.perf_counter()
-        fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, first_epoch)
-        feature_extraction_s = time.perf_counter() - start
+    feature_extraction_s = None
+    ran_head_phase = False
+    for phase in phases(cfg):
+        if first_epoch >= phase.end:
+            continue
+        phase_dir = backup_dir if phase.name == "head" else finetune_dir
+        restore = first_epoch if first_epoch > phase.start else 0
+        if phase.name == "finetune":
+            if not restore and not ran_head_phase:
+                PhaseWeights.restore(model, boundary_dir)
+            unfrozen = unfreeze(model, cfg.finetune.unfreeze)
+            say(f"finetune: {len(unfrozen)} backbone layers unfrozen (from {unfrozen[0]!r}; "
+                f"BatchNormalization stays frozen), learning rate {phase.learning_rate:g}")
+        boundary = [PhaseWeights(model, boundary_dir, phase.end - 1)] \
+            if phase.name == "head" and cfg.finetune.epochs else []
+        fit_callbacks = [
+            # The engine's first (torch: rank 0's weights everywhere before training; logs averaged
+            # over the processes before anything records them).
+            *engine.callbacks(),
+            *chief_callbacks,
+            *boundary,
+            # After the epoch's times and history row are written, so a kill between the two leaves a
+            # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
+            EpochCheckpoint(phase_dir, restore),
+            *callbacks,
+        ]
+        begin = max(first_epoch, phase.start)
+        if phase.name == "head" and cfg.train.cache_features:
+            say("features: computing the frozen backbone's features once (train.cache_features)")
+            start = time.perf_counter()
+            fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, begin, phase.end)
+            feature_extraction_s = time.perf_counter() - start
+        else:
+            fit_model, val_data = model, splits.val
+            train_data = splits.train_epochs(begin, phase.end)
         with engine.scope():
-            compile_model(fit_model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
-    else:
-        fit_model, val_data = model, splits.val
-        train_data = splits.train_epochs(first_epoch, cfg.train.epochs)
-        feature_extraction_s = None
-    if splits.drop_remainder and splits.num_val < splits.batch_size:
-        say(f"validation: fewer than one global batch ({splits.num_val} images); per-epoch "
-            "validation is skipped, the final evaluation uses every image")
-        val_data = None
-    say(f"train: {cfg.train.epochs - first_epoch} epoch(s) of {splits.steps_per_epoch} steps "
-        f"under {backend_name}")
-    fit_model.fit(engine.shard(train_data),
-                  validation_data=None if val_data is None else engine.shard(val_data),
-                  epochs=cfg.train.epochs, steps_per_epoch=splits.steps_per_epoch,
-                  callbacks=fit_callbacks, shuffle=False,
-                  verbose=2 if progress is None and engine.is_chief else 0)
+            compile_model(fit_model, learning_rate(cfg, phase, splits.steps_per_epoch), num_classes,
+                          cfg.train.jit_compile)
+        if timer:
+            timer.compiled_again()
+        if splits.drop_remainder and splits.num_val < splits.batch_size:
+            say(f"validation: fewer than one global batch ({splits.num_val} images); per-epoch "
+                "validation is skipped, the final evaluation uses every image")
+            val_data = None
+        say(f"train: {phase.end - begin} {phase.name} epoch(s) of {splits.steps_per_epoch} steps "
+            f"under {backend_name}")
+        fit_model.fit(engine.shard(train_data),
+                      validation_data=None if val_data is None else engine.shard(val_data),
+                      initial_epoch=phase.start, epochs=phase.end,
+                      steps_per_epoch=splits.steps_per_epoch,
+                      callbacks=fit_callbacks, shuffle=False,
+                      verbose=2 if progress is None and engine.is_chief else 0)
+        ran_head_phase = ran_head_phase or phase.name == "head"
     return Fitted(timer, bool(model.jit_compile), feature_extraction_s)
+
+
+def learning_rate(cfg: Experiment, phase: Phase, steps_per_epoch: int):
+    """The phase's learning rate: constant, or cosine-decayed to 0 over the phase's steps.
+
+    The schedule reads the optimizer's step count, which the checkpoint restores, so a resumed
+    phase continues on the same curve.
+    """
+    if cfg.train.lr_schedule == "constant":
+        return phase.learning_rate
+    return keras.optimizers.schedules.CosineDecay(phase.learning_rate,
+                                                  decay_steps=steps_per_epoch * (phase.end - phase.start))
+
+
+def unfreeze(model: keras.Model, which: str) -> list[str]:
+    """Make the chosen backbone layers trainable for fine-tuning; returns their names.
+
+    which is finetune.unfreeze: "all", a number N (the last N layers) or a layer name (that layer
+    and every one after it; a name prefix such as "conv5" starts at the first layer that has it).
+    BatchNormalization layers stay frozen: the backbone runs them in inference mode (training=False
+    in build_model), and their statistics, learned on ImageNet, are not relearned from small batches
+    (the Keras transfer-learning guide).
+
+    Raises:
+        FlowersError: a count larger than the backbone, or a name no backbone layer has.
+    """
+    backbone = backbone_of(model)
+    layers = _backbone_layers(backbone)
+    first = unfreeze_from(layers, which, backbone.name)
+    backbone.trainable = True
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
+    return [layer.name for layer in layers[first:]]
+
+
+def check_unfreeze(model: keras.Model, which: str) -> None:
+    """Raise the FlowersError unfreeze() would, without changing the model."""
+    backbone = backbone_of(model)
+    unfreeze_from(_backbone_layers(backbone), which, backbone.name)
+
+
+def _backbone_layers(backbone: keras.Model) -> list:
+    return [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def unfreeze_from(layers: list, which: str, backbone_name: str) -> int:
+    """The index of the first layer finetune.unfreeze selects (see unfreeze)."""
+    which = which.strip()
+    if which == "all":
+        return 0
+    if which.isdigit():
+        if int(which) > len(layers):
+            raise FlowersError(f"finetune.unfreeze={which}: {backbone_name} has only {len(layers)} "
+                               "layers")
+        return len(layers) - int(which)
+    names = [layer.name for layer in layers]
+    for index, name in enumerate(names):
+        if name == which or name.startswith(which):
+            return index
+    import difflib
+
+    close = difflib.get_close_matches(which, names, n=3)
+    hint = f"; close: {', '.join(close)}" if close else ""
+    raise FlowersError(f"finetune.unfreeze={which!r}: no layer of {backbone_name} is named or starts "
+                       f"with that{hint} (first layers: {', '.join(names[:3])}, last: {names[-1]})")
 
 
 def _single_device_copy(model: keras.Model, engine: distribute.Engine, cfg: Experiment,
@@ -294,12 +436,16 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
     """metrics.json of a finished run (schema and method: flowers/metrics.py)."""
     peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
     timer = fitted.timer
-    epoch_times = timer.epoch_times_s(cfg.train.epochs)
+    epoch_times = timer.epoch_times_s(cfg.total_epochs)
+    phase_times = {phase.name: sum(timer.wall_s[e] for e in phase.epochs) for phase in phases(cfg)}
+    phase_times["head"] += fitted.feature_extraction_s or 0.0
     warmup_epochs = sorted(timer.warmup_epochs)
     images_per_epoch = splits.steps_per_epoch * splits.batch_size if splits.drop_remainder \
         else splits.num_train
     images_per_s, speed_reason = throughput(images_per_epoch, epoch_times, warmup_epochs)
-    feature_reason = None if cfg.train.cache_features else "train.cache_features is off"
+    feature_reason = "train.cache_features is off" if not cfg.train.cache_features else \
+        None if fitted.feature_extraction_s is not None else \
+        "the head phase, which trains on cached features, had finished before this process resumed"
     null_reasons = {k: r for k, r in (("peak_device_mem_mb", device_reason),
                                        ("train_images_per_s", speed_reason),
                                        ("feature_extraction_s", feature_reason)) if r}
@@ -318,15 +464,18 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
         "num_classes": len(splits.class_names),
         "skipped_files": len(splits.skipped_files),
         "data_cached": splits.cached,
-        "data_format": resolve_data_format(cfg.model.data_format),
+        "backbone": cfg.model.backbone,
+        "data_format": resolve_data_format(cfg.model),
         "jit_compile": fitted.jit_compile,
         "dtype_policy": cfg.train.dtype_policy,
         "distribution": engine.distribution,
         "replicas": engine.replicas,
         "processes": engine.processes,
-        "epochs": cfg.train.epochs,
+        "epochs": cfg.total_epochs,
+        "finetune_epochs": cfg.finetune.epochs,
+        "phase_times_s": phase_times,
         "feature_extraction_s": fitted.feature_extraction_s,
-        "train_time_s": timer.total_wall_s(cfg.train.epochs) + (fitted.feature_extraction_s or 0.0),
+        "train_time_s": timer.total_wall_s(cfg.total_epochs) + (fitted.feature_extraction_s or 0.0),
         "epoch_times_s": epoch_times,
         "first_epoch_s": epoch_times[0],
         "warmup_epochs": warmup_epochs,
@@ -342,7 +491,7 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
 
 
 def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment,
-                        first_epoch: int = 0):
+                        first_epoch: int = 0, end_epoch: int | None = None):
     """train.cache_features: the head model and feature datasets that replace images.
 
     The backbone is frozen (inference-mode BatchNorm) and there is no augmentation, so each image's
@@ -360,7 +509,8 @@ def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment
     val_features = features(splits.val, splits.val_examples.labels)
     batch = cfg.train.batch_size
     return (head(model),
-            data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch, cfg.train.epochs,
+            data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch,
+                               cfg.train.epochs if end_epoch is None else end_epoch,
                                drop_remainder=splits.drop_remainder),
             data.in_order(val_features, batch, drop_remainder=splits.drop_remainder))
 
@@ -393,8 +543,9 @@ def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:
     }
 
 
-def _dedupe_history(path: Path) -> None:
-    """Keep the last row per epoch: an epoch re-run after an interruption is logged twice."""
+def _dedupe_history(path: Path, head_epochs: int) -> None:
+    """Keep the last row per epoch (an epoch re-run after an interruption is logged twice) and
+    add the phase column ("head", or "finetune" from epoch head_epochs on)."""
     if not path.is_file():
         return
     with path.open(newline="") as f:
@@ -403,8 +554,11 @@ def _dedupe_history(path: Path) -> None:
         return
     by_epoch = {row["epoch"]: row for row in rows}
     ordered = sorted(by_epoch.values(), key=lambda r: int(r["epoch"]))
+    for row in ordered:
+        row["phase"] = "head" if int(row["epoch"]) < head_epochs else "finetune"
+    fieldnames = list(rows[0]) + (["phase"] if "phase" not in rows[0] else [])
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(ordered)
 

@@ -33,6 +33,7 @@ class Worker:
         self.backend = request["backend"]
         self.image_size, self.batch_size = request["image_size"], request["batch_size"]
         self.warmup = request["warmup"]
+        self.backbone = request.get("backbone", "ResNet50")
         keras.utils.set_random_seed(0)
         self.data_config = _data_config(request["images"], self.image_size)
         splits = data.load(self.data_config, self.batch_size, seed=0)
@@ -56,7 +57,9 @@ class Worker:
         return {
             "device": backend.device(self.backend),
             "versions": backend.versions(self.backend),
-            "data_format": resolve_data_format("auto"),
+            "data_format": resolve_data_format(
+                config.from_dict({"model": {"weights": "none", "backbone": self.backbone}}).model),
+            "backbone": self.backbone,
             "jit_compile": bool(self.model.jit_compile),
             "images": self.data_config.source,
             "gflops_per_image": model_gflops(self.model),
@@ -134,7 +137,7 @@ class Worker:
         from flowers.model import build_model, compile_model
 
         sets = [o for o in overrides.split(",") if o]
-        experiment = config.apply_overrides(config.from_dict({"model": {"weights": "none"}}), sets)
+        experiment = config.apply_overrides(config.from_dict({"model": {"weights": "none", "backbone": self.backbone}}), sets)
         self.keras.config.set_dtype_policy(experiment.train.dtype_policy)
         try:
             model = build_model(experiment.model, self.image_size, self.num_classes)
@@ -199,7 +202,7 @@ def model_gflops(model) -> float:
             total += out * (2 * layer.kernel.shape[0] + 1)
         elif kind == "BatchNormalization":
             total += 2 * out
-        elif kind in ("Activation", "ReLU", "Add", "ResNet50Preprocess"):
+        elif kind in ("Activation", "ReLU", "Add", "ResNet50Preprocess", "ImagenetPreprocess"):
             total += out * max(1, len(inputs) - 1)
         elif kind in ("MaxPooling2D", "AveragePooling2D"):
             total += out * int(np.prod(layer.pool_size))
