@@ -148,5 +148,10 @@ def serve(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Lint, then the test suite (all three backends, CPU builds)."""
     session.install("-e", ".[test]")
+    # KerasHub for tests/test_hub.py, without its tensorflow-text requirement: that pulls the full
+    # `tensorflow` over tensorflow-cpu (same module folder), and image backbones never import it.
+    session.install("--no-deps", "keras-hub==0.32.0")
+    session.install("absl-py", "numpy", "packaging", "regex", "rich", "kagglehub!=1.0.1",
+                    "kagglesdk==0.1.28", "sentencepiece", "tokenizers")  # its other requirements
     session.run("ruff", "check", ".")
     session.run("pytest", *session.posargs)

@@ -9,7 +9,7 @@ model.backbone is one of
   keras.Model taking RGB images in 0..255 (channels_last, shape input_shape) and returning a feature
   map [N, H, W, C] or pooled features [N, C]; it does its own preprocessing and receives
   model.weights as given ("imagenet", "none" or a path);
-- "hub:PRESET": a KerasHub backbone from its preset (the optional `hub` extra; see hub_backbone).
+- "hub:PRESET": a KerasHub backbone from its preset (keras-hub, installed apart; see hub_backbone).
 
 resolve() reads only this table, so an unknown name is refused before any framework is imported;
 build() imports keras (call it after flowers.backend.select()).
@@ -236,10 +236,139 @@ def load_function(name: str) -> Callable[..., Any]:
     return function
 
 
+HUB_VERSION = "0.32.0"
+# keras-hub without its tensorflow-text requirement (which pulls full `tensorflow` over the
+# tensorflow-cpu the extras install; image backbones never import it) plus its other requirements
+HUB_INSTALL = (f"pip install --no-deps 'keras-hub=={HUB_VERSION}' && pip install absl-py numpy packaging "
+               "regex rich 'kagglehub!=1.0.1' 'kagglesdk==0.1.28' sentencepiece tokenizers")
+# the preprocessing of a preset that has no image converter: RGB 0..255 -> 0..1
+HUB_DEFAULT_SCALE = 1 / 255
+
+
 def hub_backbone(spec: Backbone, weights: str, image_size: int) -> Any:
-    """A KerasHub image backbone from its preset, with its own image preprocessing in front."""
-    raise FlowersError(f"model.backbone={spec.name!r}: KerasHub backbones are not available in this "
-                       "build of flowers (see the README's Backbones section)")
+    """A KerasHub image backbone from its preset, with its own image preprocessing in front.
+
+    The preset is what follows "hub:" in model.backbone: a built-in name ("resnet_50_imagenet"), a
+    Kaggle or Hugging Face handle ("kaggle://...", "hf://...") or a local preset directory (written
+    by `backbone.save_to_preset(dir)` and `image_converter.save_to_preset(dir)`).
+
+    KerasHub backbones do no preprocessing; their preset's ImageConverter rescales (and resizes)
+    images. flowers takes only the converter's `scale` and `offset` (x * scale + offset on RGB
+    0..255, per channel or one number) into a keras.layers.Rescaling in front of the backbone, and
+    never its resizing: flowers already resizes to data.image_size, and the backbone is built for
+    that size. A preset without an image converter gets scale 1/255, offset 0 (images in 0..1).
+
+    The returned model is one flat keras.Model (input, Rescaling, then the backbone's own layers,
+    sharing their weights), so finetune.unfreeze counts and names the backbone's layers as it does
+    for keras.applications, and a model.keras whose backbone uses only core Keras layers (ResNet)
+    loads without keras_hub.
+
+    Args:
+        spec: from resolve(), kind "hub".
+        weights: "imagenet" loads the preset's weights, "none" builds it with random weights; a
+            path is refused (a preset carries its own weights).
+        image_size: side of the square input the backbone is built for.
+
+    Returns:
+        A keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
+        (channels_last) and returning the backbone's feature map [N, H, W, C].
+
+    Raises:
+        FlowersError: keras_hub not installed, weights a path, the preset unknown, not downloadable
+            (offline?) or not an image backbone, or the backbone unusable at this size.
+    """
+    import keras
+
+    preset = spec.name[len(HUB_PREFIX):].strip()
+    if weights not in ("imagenet", "none"):
+        raise FlowersError(f"model.weights={weights!r}: a KerasHub preset carries its own weights; "
+                           f"use 'imagenet' (the preset's) or 'none' (random) with {spec.name}")
+    keras_hub = _import_keras_hub(spec.name)
+    shape = (image_size, image_size, 3)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_last")  # KerasHub backbones read the global setting
+    try:
+        try:
+            backbone = keras_hub.models.Backbone.from_preset(
+                preset, load_weights=weights == "imagenet", image_shape=shape,
+                dtype=keras.config.dtype_policy().name)
+        except Exception as exc:
+            raise _hub_error(spec.name, exc, image_size) from None
+        scale, offset = _hub_rescaling(keras_hub, spec.name, preset)
+    finally:
+        keras.config.set_image_data_format(previous)
+
+    inputs = getattr(backbone, "inputs", None) or []
+    if len(inputs) != 1 or tuple(inputs[0].shape[1:]) != shape:
+        got = [tuple(i.shape) for i in inputs]
+        raise FlowersError(f"model.backbone={spec.name!r}: the {type(backbone).__name__} takes input(s) "
+                           f"{got}; flowers needs one image input of shape (None, {image_size}, "
+                           f"{image_size}, 3)")
+    if len(backbone.outputs) != 1 or len(backbone.outputs[0].shape) != 4:
+        got = [tuple(o.shape) for o in backbone.outputs]
+        raise FlowersError(f"model.backbone={spec.name!r}: the {type(backbone).__name__} returns "
+                           f"{got}; flowers needs a convolutional feature map [N, H, W, C] (e.g. "
+                           "ResNet, EfficientNet, MobileNet, ConvNeXt, CSPNet, DenseNet, VGG presets)")
+    images = keras.Input(shape=shape, name="image")
+    x = keras.layers.Rescaling(scale, offset, name="hub_preprocess")(images)
+    # call(), not __call__: replays the backbone's layers on x, so they join this one flat graph
+    features = backbone.call(x)
+    return keras.Model(images, features, name=backbone.name)
+
+
+def _import_keras_hub(name: str) -> Any:
+    try:
+        import keras_hub
+    except ImportError as exc:
+        raise FlowersError(f"model.backbone={name!r} needs KerasHub, which is not installed "
+                           f"({_first_line(exc)}); install it with: {HUB_INSTALL}") from None
+    return keras_hub
+
+
+def _hub_rescaling(keras_hub: Any, name: str, preset: str) -> tuple[Any, Any]:
+    """(scale, offset) of the preset's ImageConverter; (1/255, 0) when the preset has none."""
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+    except FileNotFoundError:  # the preset has no image_converter.json
+        converter = None
+    except ValueError as exc:
+        if "Unable to find a subclass" not in str(exc):  # no converter class for this backbone
+            raise _hub_error(name, exc, part="'s image converter") from None
+        converter = None
+    except Exception as exc:
+        raise _hub_error(name, exc, part="'s image converter") from None
+    if converter is None:
+        return HUB_DEFAULT_SCALE, 0.0
+    scale = HUB_DEFAULT_SCALE if converter.scale is None else converter.scale
+    offset = 0.0 if converter.offset is None else converter.offset
+    # one float, or a list of 3 (Rescaling broadcasts either over the channels of NHWC)
+    return (_plain_numbers(scale), _plain_numbers(offset))
+
+
+def _plain_numbers(value: Any) -> Any:
+    """float or list of floats (a config that serializes to JSON), from a number, tuple or array."""
+    import numpy as np
+
+    array = np.asarray(value, dtype="float64").reshape(-1)
+    return float(array[0]) if array.size == 1 else [float(v) for v in array]
+
+
+def _hub_error(name: str, exc: BaseException, image_size: int | None = None,
+               part: str = "") -> FlowersError:
+    """One line for a KerasHub loading failure (KerasHub's own messages span several lines)."""
+    preset = name[len(HUB_PREFIX):].strip()
+    text = str(exc)
+    if "Unknown preset identifier" in text:
+        return FlowersError(f"model.backbone={name!r}: unknown KerasHub preset {preset!r}; use a "
+                            "built-in name (e.g. hub:resnet_50_imagenet), a kaggle:// or hf:// handle, "
+                            "or a local preset directory")
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        # requests' ConnectionError and the like: Kaggle / Hugging Face unreachable
+        return FlowersError(f"model.backbone={name!r}: could not download KerasHub preset {preset!r}"
+                            f"{part} (offline?): {type(exc).__name__}: {_first_line(exc)}")
+    size = f" at {image_size} px" if image_size is not None else ""
+    return FlowersError(f"model.backbone={name!r}: could not load KerasHub preset {preset!r}{part}"
+                        f"{size}: {type(exc).__name__}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
