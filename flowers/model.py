@@ -236,6 +236,13 @@ def load_model(path: Path) -> tuple[keras.Model, list[str]]:
             names = archive.namelist()
             class_names = (json.loads(archive.read(CLASS_NAMES_MEMBER))
                            if CLASS_NAMES_MEMBER in names else None)
+            uses_hub = "config.json" in names and b"keras_hub" in archive.read("config.json")
+        if uses_hub:  # a KerasHub backbone's own layers are registered when keras_hub is imported
+            try:
+                import keras_hub  # noqa: F401
+            except ImportError:
+                raise FlowersError(f"{path}: the model has KerasHub layers and keras_hub is not "
+                                   "installed (README, KerasHub backbones)") from None
         model = keras.saving.load_model(path, compile=False)
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise FlowersError(f"{path}: not a readable .keras model ({exc})") from None

@@ -75,22 +75,26 @@ def parse_backends(text: str) -> list[str]:
     return names
 
 
-def parity_experiment(image_size: int) -> config.Experiment:
-    """The flowers12 experiment at `image_size`, random weights, dropout off, parity's lr (validated)."""
+def parity_experiment(image_size: int, backbone: str = "ResNet50") -> config.Experiment:
+    """The flowers12 experiment at `image_size` with `backbone`, random weights, dropout off,
+    parity's lr (validated: a bad size or backbone is one FlowersError)."""
     if image_size < 32:
-        raise FlowersError(f"--image-size {image_size}: must be >= 32 (ResNet50 minimum)")
+        raise FlowersError(f"--image-size {image_size}: must be >= 32")
     return config.load_experiment(PARITY_EXPERIMENT, [
-        f"data.image_size={image_size}", "model.weights=none", "model.dropout=0",
+        f"data.image_size={image_size}", f"model.backbone={backbone}", "model.weights=none",
+        "model.dropout=0",
         "model.freeze_backbone=true", f"train.learning_rate={PARITY_LEARNING_RATE}"])
 
 
 def run_parity(backends: Sequence[str], image_size: int = 224,
-               on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+               on_step: Callable[[str], None] | None = None,
+               backbone: str = "ResNet50") -> dict[str, Any]:
     """Run the parity check: one worker process per backend, compared with the first backend.
 
     Args:
         backends: two or more backend names; the first is the reference and builds the model.
         image_size: side of the square input images.
+        backbone: model.backbone of the compared model.
         on_step: called with a short line when each backend's worker starts and finishes (the
             CLI prints them; a worker takes minutes at 224 px on a small CPU).
 
@@ -106,7 +110,7 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
 
     step = on_step or (lambda line: None)
     backends = parse_backends(",".join(backends))
-    experiment = parity_experiment(image_size)
+    experiment = parity_experiment(image_size, backbone)
     _, folder = config.source_kind(experiment.data.source)
     listing = scan_folder(Path(folder), experiment.data.val_fraction, experiment.train.seed)
     num_classes = len(listing.class_names)
@@ -150,6 +154,7 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
         "reference": reference,
         "backends": list(backends),
         "image_size": image_size,
+        "backbone": experiment.model.backbone,
         "images_from": folder,
         "num_forward_images": len(forward_files),
         "train_steps": TRAIN_STEPS,
@@ -235,7 +240,8 @@ def describe(result: dict[str, Any]) -> str:
     """One sentence saying what was compared, on what."""
     devices = sorted({run["device"] for run in result["runs"].values()})
     targets = result["targets"]  # parity.json files written before the training target lack it
-    return (f"{result['num_forward_images']} flowers12 photos at {result['image_size']} px, "
+    return (f"{result.get('backbone', 'ResNet50')} (random weights): "
+            f"{result['num_forward_images']} flowers12 photos at {result['image_size']} px, "
             f"then {result['train_steps']} Adam steps (lr {result['learning_rate']:g}, batch "
             f"{result['train_batch_size']}, dropout {result['dropout']:g}, backbone frozen) from "
             f"one saved init; reference {result['reference']}; device {', '.join(devices)}; "
