@@ -290,10 +290,13 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
               help="Experiment keys whose other values get a forward variant each: 'all', "
                    "'none' or a comma list of model.data_format, train.jit_compile, "
                    "train.dtype_policy.")
+@click.option("--backbone", default="ResNet50", show_default=True,
+              help="model.backbone of every measured model: a keras.applications name, "
+                   "package.module:function or hub:PRESET (native twins: ResNet50 only).")
 @out_option
 def bench(backends: str, image_size: int, batch_size: int, steps: int, rounds: int, warmup: int,
           e2e_epochs: int, e2e_images_per_class: int, images: Path | None, variant_keys: str,
-          out: Path | None) -> None:
+          backbone: str, out: Path | None) -> None:
     """Measure every backend against native PyTorch/TensorFlow and the hardware.
 
     Prints the table and writes OUT/bench/<device>/bench.json and bench.md; the last line printed
@@ -310,7 +313,8 @@ def bench(backends: str, image_size: int, batch_size: int, steps: int, rounds: i
         e2e_epochs=e2e_epochs, e2e_images_per_class=e2e_images_per_class,
         images=str(images.resolve()) if images else "",
         variants={"all": benchmark.VARIANT_KEYS, "none": ()}.get(
-            variant_keys, tuple(k.strip() for k in variant_keys.split(",") if k.strip())))
+            variant_keys, tuple(k.strip() for k in variant_keys.split(",") if k.strip())),
+        backbone=backbone.strip())
     results, out_dir = benchmark.run_bench(settings, report.reports_root(out),
                                            progress=lambda line: click.echo(line, err=True))
     click.echo(benchmark.markdown(results))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import BACKENDS, flowers, python, read_json, run_dir_of
+from conftest import BACKENDS, flowers, one_line_error, python, read_json, run_dir_of
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,48 @@ def test_bench_markdown_has_every_figure(tiny_bench):
                 "forward GFLOP/s (share of FP32 peak)", "feature-cache speed-up", "## Targets",
                 "peak host RSS MiB"):
         assert row in text
+
+
+def test_bench_another_backbone_has_no_native_figures_and_says_why(tmp_path, flowers12):
+    """--backbone reaches every measured model; the ResNet50-only native twins are n/a with the reason."""
+    result = flowers("bench", "--backends", "tensorflow", "--backbone", "MobileNetV3Small",
+                     "--image-size", "32", "--batch-size", "4", "--steps", "1", "--rounds", "1",
+                     "--warmup", "1", "--e2e-epochs", "0", "--variants", "none", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (device_dir,) = (tmp_path / "bench").iterdir()
+    results, text = read_json(device_dir / "bench.json"), (device_dir / "bench.md").read_text()
+    assert results["backbone"] == results["settings"]["backbone"] == "MobileNetV3Small"
+    f = results["backends"]["tensorflow"]
+    for key in ("forward_b1_img_s", "forward_batch_img_s", "train_step_img_s"):
+        assert f[key]["median"] > 0, key
+    # MobileNetV3Small's 0.06 GMAC at 224 px scaled by (32/224)^2: about 0.002 GFLOP + the head
+    assert 0.001 < f["gflops_per_image"] < 0.01
+    for key in ("native_forward_img_s", "keras_vs_native_forward", "keras_vs_native_train",
+                "native_differences"):
+        assert f[key] is None and f["null_reasons"][key] == "native twins are ResNet50-only", key
+    native_targets = [t for t in results["targets"] if "native" in t["target"]]
+    assert len(native_targets) == 2 and all(t["met"] is None for t in native_targets)
+    assert "backbone MobileNetV3Small" in text and "Model: MobileNetV3Small" in text
+    assert "n/a: native twins are ResNet50-only" in text
+
+
+def test_bench_refuses_a_bad_backbone_before_starting_workers():
+    error = one_line_error(flowers("bench", "--backends", "tensorflow", "--backbone", "NoSuchNet"))
+    assert "--backbone='NoSuchNet'" in error
+    error = one_line_error(flowers("bench", "--backends", "tensorflow", "--backbone", "Xception",
+                                   "--image-size", "64"))
+    assert "--image-size=64" in error and "71 px" in error
+
+
+def test_layout_variants_are_skipped_for_a_channels_last_only_backbone():
+    from flowers.bench.run import BenchSettings, variant_plan
+
+    custom = BenchSettings(backbone="experiments.custom_backbone:small_cnn")
+    measured, skipped = variant_plan("jax", custom)
+    assert measured == ["train.dtype_policy=mixed_bfloat16"]
+    assert "channels_last only" in skipped["model.data_format=channels_first"]
+    assert "model.data_format=channels_last" in variant_plan("torch", custom)[1]
+    assert variant_plan("jax", BenchSettings())[1] == {}
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])

@@ -20,6 +20,18 @@ import numpy as np
 STACKS = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 BN_EPSILON = 1.001e-5
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+# the one model.backbone the twins are written for, and the backends they are written in
+BACKBONE = "ResNet50"
+BACKENDS = ("torch", "tensorflow")
+
+
+def unavailable(backend_name: str, backbone: str) -> str | None:
+    """Why `backend_name` has no native twin of `backbone` (the null reason of its figures), or None."""
+    if backend_name not in BACKENDS:
+        return "no native baseline for this backend (native: torch and tensorflow)"
+    if backbone != BACKBONE:
+        return f"native twins are {BACKBONE}-only"
+    return None
 
 
 @dataclass

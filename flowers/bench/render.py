@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flowers.tables import markdown_table
@@ -14,14 +15,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def header(results: dict[str, Any]) -> str:
-    """Title, settings, versions, the FP32 peak and the model's GFLOP per image."""
+    """Title, backbone and settings, versions, the FP32 peak and the model's GFLOP per image."""
     f, s, peak = results["backends"], results["settings"], results["peak"]
     names = list(f)
     return "\n".join([
         f"# flowers bench — {results['device']} ({results['host']['cpu_model']}, "
         f"{results['host']['cpu_count']} logical cores)",
         "",
-        f"{results['created']} · image {s['image_size']} px · batch {s['batch_size']} · "
+        f"{results['created']} · backbone {_backbone(results)} · image {s['image_size']} px · "
+        f"batch {s['batch_size']} · "
         f"{s['steps']} timed calls per figure over {s['rounds']} interleaved rounds after "
         f"{s['warmup']} warm-up calls · images: {s['images'] or 'synthetic'}",
         "",
@@ -32,7 +34,8 @@ def header(results: dict[str, Any]) -> str:
         f"FP32 peak: {_num(peak.get('fp32_gflops'), '{:.0f}')} GFLOP/s — {peak['method']}"
         + (f"; measured float32 GEMM: {peak['gemm_gflops_measured']} GFLOP/s"
            if "gemm_gflops_measured" in peak else ""),
-        f"Model: {f[names[0]]['gflops_per_image']:.2f} GFLOP per image (forward, counted from the "
+        f"Model: {_backbone(results)} (random weights, frozen) + head, "
+        f"{f[names[0]]['gflops_per_image']:.3g} GFLOP per image (forward, counted from the "
         "Keras layers). Figures: median (min-max).",
     ])
 
@@ -53,12 +56,13 @@ def figures_table(results: dict[str, Any]) -> str:
         ("fit img/s, in-memory arrays", [_rate(f[n].get("train_memory_img_s")) for n in names]),
         ("fit img/s, tf.data pipeline", [_rate(f[n].get("train_tfdata_img_s")) for n in names]),
         ("tf.data / in-memory (fit)", [_num(f[n]["tfdata_vs_memory"]) for n in names]),
-        ("native forward img/s", [_rate(f[n].get("native_forward_img_s")) for n in names]),
-        ("native train step img/s", [_rate(f[n].get("native_train_img_s")) for n in names]),
-        ("keras / native, forward", [_num(f[n]["keras_vs_native_forward"]) for n in names]),
-        ("keras / native, train step", [_num(f[n]["keras_vs_native_train"]) for n in names]),
+        ("native forward img/s", [_or_missing(f[n], "native_forward_img_s", _rate) for n in names]),
+        ("native train step img/s", [_or_missing(f[n], "native_train_img_s", _rate) for n in names]),
+        ("keras / native, forward", [_or_missing(f[n], "keras_vs_native_forward", _num) for n in names]),
+        ("keras / native, train step",
+         [_or_missing(f[n], "keras_vs_native_train", _num) for n in names]),
         ("native max |Δprob| / max rel. Δfeatures",
-         [("n/a" if not f[n]["native_differences"] else
+         [(_missing(f[n], "native_differences") if not f[n]["native_differences"] else
            f"{f[n]['native_differences']['probabilities_max_abs']:.1e} / "
            f"{f[n]['native_differences']['features_max_rel']:.1e}") for n in names]),
         ("first forward call s (compile/warm-up)",
@@ -67,11 +71,13 @@ def figures_table(results: dict[str, Any]) -> str:
         ("layout / jit", [f"{f[n]['data_format']} / {'on' if f[n]['jit_compile'] else 'off'}"
                           for n in names]),
     ]
-    for variant in sorted({v for n in names for v in f[n]["variants"]}):
+    for variant in sorted({v for n in names for v in (*f[n]["variants"], *_skipped(f[n]))}):
         rows.append((f"forward img/s with {variant} (× default)",
                      [(f"{_rate(f[n]['variants'][variant])} "
                        f"({f[n]['variants'][variant]['vs_default']:.2f}×)"
-                       if variant in f[n]["variants"] else "—") for n in names]))
+                       if variant in f[n]["variants"] else
+                       f"skipped: {_skipped(f[n])[variant]}" if variant in _skipped(f[n]) else "—")
+                      for n in names]))
     if any(f[n]["e2e"] for n in names):
         e = {n: f[n]["e2e"] for n in names}
         rows += [
@@ -90,9 +96,29 @@ def figures_table(results: dict[str, Any]) -> str:
 def targets_table(targets: list[dict[str, Any]]) -> str:
     """Each target with its goal, the measured value and whether it is met."""
     return markdown_table(["target", "goal", "measured", "met"], (
-        [t["target"], f"{'≥' if t['better'] == 'higher' else '≤'} {t['goal']}", _num(t["value"]),
+        [t["target"], f"{'≥' if t['better'] == 'higher' else '≤'} {t['goal']}",
+         f"n/a: {t['reason']}" if t.get("reason") else _num(t["value"]),
          "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")]
         for t in targets))
+
+
+def _backbone(results: dict[str, Any]) -> str:
+    return results.get("backbone", "ResNet50")  # bench.json files from before --backbone: ResNet50
+
+
+def _skipped(figures: dict[str, Any]) -> dict[str, str]:
+    return figures.get("variants_skipped", {})
+
+
+def _or_missing(figures: dict[str, Any], key: str, show: Callable[[Any], str]) -> str:
+    """show(figure), or _missing() when the figure was not measured."""
+    return _missing(figures, key) if figures.get(key) is None else show(figures[key])
+
+
+def _missing(figures: dict[str, Any], key: str) -> str:
+    """An unmeasured figure: "n/a", with the reason bench.json records for it."""
+    reason = figures.get("null_reasons", {}).get(key)
+    return f"n/a: {reason}" if reason else "n/a"
 
 
 def _rate(entry: dict | None) -> str:

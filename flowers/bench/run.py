@@ -12,9 +12,10 @@ Method (written into bench.json beside the figures):
   memory, one call per step (compared with native code, which is timed the same way); and
   model.fit fed by in-memory arrays vs by the real tf.data pipeline, timed between batch ends
   (their ratio is the pipeline hand-off cost).
-- Native: the same network and weights as plain PyTorch / a plain tf.function (flowers.native).
+- Native: the same network and weights as plain PyTorch / a plain tf.function (flowers.bench.native);
+  written for ResNet50 only, so with another --backbone the native figures are null with a reason.
 - GFLOP/s = counted forward FLOP per image x forward images per second; peak = flowers.hardware.
-- End to end: the baseline job shape (--e2e-epochs epochs, batch --batch-size, frozen ResNet50 +
+- End to end: the baseline job shape (--e2e-epochs epochs, batch --batch-size, frozen --backbone +
   head) on a fixed number of real images, trained once in standard mode and once with
   train.cache_features, each in a fresh process (so memory peaks are the job's alone).
 """
@@ -33,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config, files, host
-from flowers.bench import hardware
+from flowers import backbones, backend, config, files, host
+from flowers.bench import hardware, native
 from flowers.bench.render import markdown
 from flowers.errors import FlowersError
 from flowers.workers import LineWorker, run_worker
@@ -43,7 +44,8 @@ KERAS_TASKS = ("forward_b1", "forward_batch", "train_step", "train_memory", "tra
 NATIVE_TASKS = ("native_forward", "native_train")
 # Options measured one by one against each backend's defaults (forward at --batch-size).
 # train.jit_compile is measured as the opposite of what "auto" resolves to on this device (jax
-# always compiles); TensorFlow's CPU convolutions only run channels_last.
+# always compiles); TensorFlow's CPU convolutions only run channels_last. A backbone that computes
+# channels_last only (flowers.backbones) gets no layout variant (see variant_plan).
 VARIANTS = {
     "torch": ("model.data_format=channels_last", "train.jit_compile",
               "train.dtype_policy=mixed_bfloat16"),
@@ -74,6 +76,7 @@ class BenchSettings:
     e2e_images_per_class: int = 20
     images: str = ""  # class folder of real photos; "" = synthetic images
     variants: tuple[str, ...] = VARIANT_KEYS  # which experiment keys to vary; () = none
+    backbone: str = backbones.DEFAULT  # model.backbone of every measured model (flowers.backbones)
 
     def validate(self) -> None:
         if not self.backends:
@@ -91,6 +94,11 @@ class BenchSettings:
                                f"{', '.join(VARIANT_KEYS)}, 'all' or 'none'")
         if self.images and not Path(self.images).is_dir():
             raise FlowersError(f"--images {self.images}: folder not found")
+        try:  # an unknown name, or an image size below the backbone's minimum
+            backbones.check(self.backbone, self.image_size, "auto")
+        except FlowersError as exc:  # the same message, naming this command's options
+            raise FlowersError(str(exc).replace("model.backbone=", "--backbone=", 1)
+                               .replace("data.image_size=", "--image-size=", 1)) from None
 
 
 def run_bench(settings: BenchSettings, out_root: Path,
@@ -124,12 +132,14 @@ def run_bench(settings: BenchSettings, out_root: Path,
         peak["gemm_method"] = "best of 5 float32 2048x2048 matrix products through numpy's BLAS"
     results = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backbone": settings.backbone,
         "device": device,
         "host": host.host_info(),
         "settings": asdict(settings),
         "method": __doc__.split("Method (written into bench.json beside the figures):")[1].strip(),
         "peak": peak,
-        "backends": {name: _backend_figures(ready[name], samples[name], e2e.get(name), peak)
+        "backends": {name: _backend_figures(name, settings, ready[name], samples[name], e2e.get(name),
+                                            peak)
                      for name in settings.backends},
     }
     results["targets"] = evaluate_targets(results)
@@ -168,9 +178,28 @@ def _expand(task: str, name: str, worker: LineWorker, settings: BenchSettings) -
         return [task] if worker.ready["native"] else []
     if task == "variants":
         jit = f"train.jit_compile={'false' if worker.ready['jit_compile'] else 'true'}"
-        return [f"variant:{jit if v == 'train.jit_compile' else v}" for v in VARIANTS[name]
-                if v.split("=")[0] in settings.variants]
+        return [f"variant:{jit if v == 'train.jit_compile' else v}"
+                for v in variant_plan(name, settings)[0]]
     return [task]
+
+
+def variant_plan(name: str, settings: BenchSettings) -> tuple[list[str], dict[str, str]]:
+    """The variants of VARIANTS[name] that settings.variants asks for: (measured, {skipped: reason}).
+
+    A backbone that computes channels_last only has no other layout to try (channels_first is
+    refused), and channels_last is already its default, so the layout variants are skipped.
+    """
+    spec = backbones.resolve(settings.backbone)
+    measured, skipped = [], {}
+    for variant in VARIANTS[name]:
+        key = variant.split("=")[0]
+        if key not in settings.variants:
+            continue
+        if key == "model.data_format" and not spec.channels_first:
+            skipped[variant] = f"{spec.name} computes channels_last only, the default layout"
+        else:
+            measured.append(variant)
+    return measured, skipped
 
 
 def summary(samples_s: Sequence[float], images_per_call: int) -> dict[str, float]:
@@ -180,8 +209,8 @@ def summary(samples_s: Sequence[float], images_per_call: int) -> dict[str, float
             "calls": len(rates)}
 
 
-def _backend_figures(ready: dict, samples: dict[str, dict], e2e: dict | None,
-                     peak: dict) -> dict[str, Any]:
+def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: dict[str, dict],
+                     e2e: dict | None, peak: dict) -> dict[str, Any]:
     figures: dict[str, Any] = {
         key: ready[key] for key in ("versions", "device", "data_format", "jit_compile",
                                    "gflops_per_image")}
@@ -203,15 +232,18 @@ def _backend_figures(ready: dict, samples: dict[str, dict], e2e: dict | None,
         figures["keras_vs_native_train"] = median["train_step"] / median["native_train"]
         figures["native_differences"] = samples["native_forward"].get("native_differences")
     else:
-        for key in ("keras_vs_native_forward", "keras_vs_native_train", "native_differences"):
+        reason = native.unavailable(name, settings.backbone) or "the native twin was not run"
+        for key in ("native_forward_img_s", "native_train_img_s", "keras_vs_native_forward",
+                    "keras_vs_native_train", "native_differences"):
             figures[key] = None
-            reasons[key] = "no native baseline for this backend (native: torch and tensorflow)"
+            reasons[key] = reason
     figures["variants"] = {
         task[8:]: {**summary(e["samples_s"], e["images_per_call"]),
                    "vs_default": summary(e["samples_s"], e["images_per_call"])["median"]
                    / median["forward_batch"],
                    "first_call_s": e.get("first_call_s")}
         for task, e in samples.items() if task.startswith("variant:")}
+    figures["variants_skipped"] = variant_plan(name, settings)[1]
     if e2e:
         standard, cache = e2e["standard"], e2e["cache"]
         figures["e2e"] = {**e2e, "speedup": standard["wall_s"] / cache["wall_s"],
@@ -233,16 +265,19 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     figures = results["backends"]
 
-    def add(name: str, value: float | None, target: float, better: str = "higher") -> None:
+    def add(name: str, value: float | None, target: float, better: str = "higher",
+            reason: str | None = None) -> None:
         met = None if value is None else (value >= target if better == "higher" else value <= target)
-        rows.append({"target": name, "value": value, "goal": target, "better": better, "met": met})
+        rows.append({"target": name, "value": value, "goal": target, "better": better, "met": met,
+                     **({"reason": reason} if value is None and reason else {})})
 
     for name in ("torch", "tensorflow"):
-        if name in figures and figures[name]["keras_vs_native_forward"] is not None:
-            goal = TARGETS[f"keras_vs_native_{name}"]
-            add(f"keras-on-{name} forward / native {name}", figures[name]["keras_vs_native_forward"], goal)
-            add(f"keras-on-{name} train step / native {name}", figures[name]["keras_vs_native_train"],
-                goal)
+        if name in figures:  # unmeasured (another --backbone than the twins'): n/a with the reason
+            f, goal = figures[name], TARGETS[f"keras_vs_native_{name}"]
+            for label, key in (("forward", "keras_vs_native_forward"),
+                               ("train step", "keras_vs_native_train")):
+                add(f"keras-on-{name} {label} / native {name}", f[key], goal,
+                    reason=f["null_reasons"].get(key))
     for name, f in figures.items():
         add(f"{name}: tf.data-fed / in-memory train step", f["tfdata_vs_memory"],
             TARGETS["tfdata_vs_memory"])
@@ -270,7 +305,7 @@ def device_slug(device: str, host: dict[str, Any]) -> str:
 def _timing_request(settings: BenchSettings) -> dict[str, Any]:
     """What a timing worker needs to build its models and data (see flowers.bench.worker)."""
     return {"image_size": settings.image_size, "batch_size": settings.batch_size,
-            "warmup": settings.warmup, "images": settings.images}
+            "warmup": settings.warmup, "images": settings.images, "backbone": settings.backbone}
 
 
 def _end_to_end(name: str, mode: str, settings: BenchSettings, logs: Path) -> dict[str, Any]:

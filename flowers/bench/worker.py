@@ -26,7 +26,7 @@ class Worker:
     """The models and data of one backend, and the timed calls `flowers bench` asks for."""
 
     def __init__(self, request: dict[str, Any]):
-        """request: backend, image_size, batch_size, warmup, images (see flowers.bench.run)."""
+        """request: backend, image_size, batch_size, warmup, images, backbone (see flowers.bench.run)."""
         import keras
 
         self.keras = keras
@@ -57,8 +57,7 @@ class Worker:
         return {
             "device": backend.device(self.backend),
             "versions": backend.versions(self.backend),
-            "data_format": resolve_data_format(
-                config.from_dict({"model": {"weights": "none", "backbone": self.backbone}}).model),
+            "data_format": resolve_data_format(self._experiment("").model),
             "backbone": self.backbone,
             "jit_compile": bool(self.model.jit_compile),
             "images": self.data_config.source,
@@ -136,8 +135,7 @@ class Worker:
         """The model with variant overrides ("section.key=value,..."), compiled."""
         from flowers.model import build_model, compile_model
 
-        sets = [o for o in overrides.split(",") if o]
-        experiment = config.apply_overrides(config.from_dict({"model": {"weights": "none", "backbone": self.backbone}}), sets)
+        experiment = self._experiment(overrides)
         self.keras.config.set_dtype_policy(experiment.train.dtype_policy)
         try:
             model = build_model(experiment.model, self.image_size, self.num_classes)
@@ -148,10 +146,18 @@ class Worker:
             model.set_weights(self.models[""].get_weights())
         return model
 
+    def _experiment(self, overrides: str) -> config.Experiment:
+        """The benchmarked model's experiment (random weights, self.backbone) with variant overrides."""
+        experiment = config.from_dict({"data": {"image_size": self.image_size},
+                                       "model": {"weights": "none", "backbone": self.backbone}})
+        return config.apply_overrides(experiment, [o for o in overrides.split(",") if o])
+
     def _native_factory(self) -> Callable | None:
         from flowers.bench import native
 
-        return {"torch": native.torch_native, "tensorflow": native.tensorflow_native}.get(self.backend)
+        if native.unavailable(self.backend, self.backbone):
+            return None
+        return {"torch": native.torch_native, "tensorflow": native.tensorflow_native}[self.backend]
 
     def _native(self):
         from flowers.bench import native
@@ -182,8 +188,13 @@ def _predictor(model):
 def model_gflops(model) -> float:
     """Forward GFLOP per image, counted from the Keras layers' shapes (nothing hard-coded).
 
-    Convolutions and dense layers: 2 x multiply-adds (+ bias); batch norm (inference): 2 per
-    output value; activations, additions, pooling and preprocessing: 1 per value touched.
+    Convolutions and dense layers: 2 x multiply-adds (+ bias), where a grouped Conv2D's kernel holds
+    in/groups input channels, a DepthwiseConv2D convolves each channel alone and a SeparableConv2D
+    is a depthwise then a 1x1 convolution; batch norm (inference), Rescaling and Normalization: 2
+    per output value; layer norm: 5 (mean, variance, normalise, scale, shift); activations,
+    element-wise additions/products and preprocessing: 1 per value touched (per extra input for
+    merges); pooling: 1 per window element. Layer kinds not listed (padding, reshapes, dropout,
+    ops written as plain tensor expressions) count 0.
     """
     total = 0
     for layer in model._flatten_layers(include_self=False):
@@ -194,28 +205,46 @@ def model_gflops(model) -> float:
             inputs = layer.input if isinstance(layer.input, list) else [layer.input]
         except (AttributeError, ValueError):
             continue
-        kind = type(layer).__name__
-        if kind == "Conv2D":
-            kernel = layer.kernel.shape  # (kh, kw, in, out)
-            total += out * (2 * kernel[0] * kernel[1] * kernel[2] + (1 if layer.use_bias else 0))
-        elif kind == "Dense":
-            total += out * (2 * layer.kernel.shape[0] + 1)
-        elif kind == "BatchNormalization":
-            total += 2 * out
-        elif kind in ("Activation", "ReLU", "Add", "ResNet50Preprocess", "ImagenetPreprocess"):
-            total += out * max(1, len(inputs) - 1)
-        elif kind in ("MaxPooling2D", "AveragePooling2D"):
-            total += out * int(np.prod(layer.pool_size))
-        elif kind == "GlobalAveragePooling2D":
-            total += int(np.prod(inputs[0].shape[1:]))
+        total += _layer_flops(layer, out, inputs)
     return total / 1e9
+
+
+def _layer_flops(layer, out: int, inputs: list) -> int:
+    """FLOP of one layer per image (see model_gflops); `out` = output values per image."""
+    kind = type(layer).__name__
+    bias = 1 if getattr(layer, "use_bias", False) else 0
+    if kind in ("Conv1D", "Conv2D", "Conv3D"):
+        # kernel (..., in / groups, out): the grouped case needs nothing more
+        return out * (2 * int(np.prod(layer.kernel.shape[:-1])) + bias)
+    if kind == "DepthwiseConv2D":
+        # kernel (kh, kw, in, depth_multiplier): each output value sees kh x kw inputs of its channel
+        return out * (2 * int(np.prod(layer.kernel.shape[:2])) + bias)
+    if kind == "SeparableConv2D":
+        kh, kw, channels, multiplier = layer.depthwise_kernel.shape
+        positions = out // layer.pointwise_kernel.shape[-1]
+        return (positions * channels * multiplier * 2 * kh * kw
+                + out * (2 * channels * multiplier + bias))
+    if kind == "Dense":
+        return out * (2 * layer.kernel.shape[0] + bias)
+    if kind in ("BatchNormalization", "Rescaling", "Normalization"):
+        return 2 * out
+    if kind == "LayerNormalization":
+        return 5 * out
+    if kind in ("Activation", "ReLU", "Add", "Multiply", "Subtract", "Average", "Maximum",
+                "Minimum", "ResNet50Preprocess", "ImagenetPreprocess", "LayerScale"):
+        return out * max(1, len(inputs) - 1)
+    if kind in ("MaxPooling2D", "AveragePooling2D"):
+        return out * int(np.prod(layer.pool_size))
+    if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        return int(np.prod(inputs[0].shape[1:]))
+    return 0
 
 
 def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
     """Train the baseline job shape once (standard or feature-cache mode) and report its figures.
 
     request: backend, e2e ("standard" | "cache"), epochs, images_per_class, image_size,
-    batch_size, images (see flowers.bench.run).
+    batch_size, images, backbone (see flowers.bench.run).
     """
     from flowers.train import train
 
@@ -228,7 +257,7 @@ def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
         experiment = config.from_dict({
             "name": "bench-e2e",
             "data": {"source": source, "image_size": request["image_size"]},
-            "model": {"weights": "none"},
+            "model": {"weights": "none", "backbone": request.get("backbone", "ResNet50")},
             "train": {"epochs": request["epochs"], "batch_size": request["batch_size"],
                       "learning_rate": 1e-4, "latency_repeats": 2,
                       "cache_features": request["e2e"] == "cache"},
@@ -241,7 +270,8 @@ def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     keys = ("val_accuracy", "val_loss", "train_time_s", "feature_extraction_s", "num_train",
             "num_val", "peak_host_rss_mb", "peak_device_mem_mb", "null_reasons")
-    return {"mode": request["e2e"], "wall_s": wall_s, "epochs": request["epochs"],
+    return {"mode": request["e2e"], "backbone": experiment.model.backbone, "wall_s": wall_s,
+            "epochs": request["epochs"],
             **{k: metrics[k] for k in keys}}
 
 
