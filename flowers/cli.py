@@ -173,8 +173,10 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
               help="Comma-separated backends; the first is the reference that builds the model.")
 @click.option("--image-size", type=int, default=224, show_default=True,
               help="Side of the square input images.")
+@click.option("--backbone", default="ResNet50", show_default=True,
+              help="model.backbone of the compared model (flowers/backbones.py).")
 @out_option
-def parity(backends: str, image_size: int, out: Path | None) -> None:
+def parity(backends: str, image_size: int, backbone: str, out: Path | None) -> None:
     """Same weights, same real photos under each backend: prediction and training drift.
 
     Writes OUT/parity.json (the comparison report embeds it) and exits non-zero when a target
@@ -185,8 +187,10 @@ def parity(backends: str, image_size: int, out: Path | None) -> None:
     from flowers import report
 
     names = parity_check.parse_backends(backends)
-    parity_check.parity_experiment(image_size)  # bad --image-size fails before any process starts
-    result = parity_check.run_parity(names, image_size, on_step=lambda line: click.echo(f"  {line}"))
+    # a bad --image-size or --backbone fails before any process starts
+    parity_check.parity_experiment(image_size, backbone)
+    result = parity_check.run_parity(names, image_size, on_step=lambda line: click.echo(f"  {line}"),
+                                     backbone=backbone)
     path = parity_check.write_parity(result, report.reports_root(out))
     click.echo(parity_check.describe(result))
     click.echo(parity_check.format_table(result))
