@@ -25,3 +25,17 @@ def test_ci_runs_the_readmes_test_line_literally():
     printed = subprocess.run(["bash", str(PROJECT_ROOT / ".ci" / "run"), "--print-test-command"],
                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     assert printed == _first_bash_block()[1].split("#")[0].rstrip()
+
+
+def test_an_installed_wheel_would_hold_every_subpackage():
+    # `pip install .` (not -e) ships what pyproject's package list finds: every folder of flowers/
+    # with an __init__.py must be in it, or `flowers bench` / `export` / `parity` fail after install.
+    import tomllib
+
+    from setuptools import find_packages
+
+    config = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = set(find_packages(str(PROJECT_ROOT), **config["packages"]["find"]))
+    on_disk = {".".join(p.parent.relative_to(PROJECT_ROOT).parts)
+               for p in (PROJECT_ROOT / "flowers").rglob("__init__.py")}
+    assert on_disk <= shipped, f"not in a wheel: {sorted(on_disk - shipped)}"
