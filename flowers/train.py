@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 
 from flowers import backbones, backend, data, distribute, files, host, runs, weights
-from flowers.checkpoint import EpochCheckpoint, restored_epoch
+from flowers.checkpoint import WEIGHTS_FILE, EpochCheckpoint, latest_state, restored_epoch
 from flowers.config import Experiment
 from flowers.errors import FlowersError
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
@@ -277,7 +278,7 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     ] if engine.is_chief else []
     num_classes = len(splits.class_names)
     feature_extraction_s = None
-    ran_head_phase = False
+    ran_head_phase = ran_a_phase = False
     for phase in phases(cfg):
         if first_epoch >= phase.end:
             continue
@@ -329,7 +330,24 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
                       callbacks=fit_callbacks, shuffle=False,
                       verbose=2 if progress is None and engine.is_chief else 0)
         ran_head_phase = ran_head_phase or phase.name == "head"
+        ran_a_phase = True
+    if not ran_a_phase:
+        # Killed after the last epoch's checkpoint, before the run directory was written: nothing
+        # is left to fit, but the model still has to hold what the run trained.
+        _restore_last_checkpoint(model, cfg, backup_dir, finetune_dir)
     return Fitted(timer, bool(model.jit_compile), feature_extraction_s)
+
+
+def _restore_last_checkpoint(model: keras.Model, cfg: Experiment, backup_dir: Path,
+                             finetune_dir: Path) -> None:
+    """Load the run's final checkpoint into model (the head alone when the head phase, the last
+    phase, trained on cached features: that is what its checkpoint holds)."""
+    last = phases(cfg)[-1]
+    state = latest_state(finetune_dir if last.name == "finetune" else backup_dir)
+    target = head(model) if last.name == "head" and cfg.train.cache_features else model
+    with warnings.catch_warnings():  # the checkpoint's optimizer state: nothing left to train
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        target.load_weights(str(state / WEIGHTS_FILE))
 
 
 def learning_rate(cfg: Experiment, phase: Phase, steps_per_epoch: int):

@@ -4,6 +4,8 @@ The library check (runs.resume_settings) is tested in-process; one bare `flowers
 trains a tiny run to show the CLI uses it.
 """
 
+import signal
+
 import pytest
 
 from conftest import flowers, one_line_error, read_json, run_dir_of
@@ -67,3 +69,26 @@ def test_bare_resume_from_the_cli_finishes_the_run_with_its_settings(tmp_path):
     assert metrics["resumed"] is True
     assert (metrics["epochs"], metrics["num_train"], metrics["num_val"]) == (1, 16, 8)
     assert read_json(run / "config.json")["experiment"]["train"]["epochs"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["train.cache_features=true"]], ids=["images", "feature-cache"])
+def test_a_run_killed_after_its_last_checkpoint_keeps_what_it_trained(tmp_path, extra):
+    # Killed once the last epoch's checkpoint is published, before the run directory is written: the
+    # resumed process has no epoch left to fit, and must still evaluate and save the trained model
+    # (it once evaluated freshly built weights: val_loss 3.03 where the trained model has 1.58).
+    args = ["train", "-e", "smoke", "--backend", "tensorflow",
+            *[a for s in ["train.epochs=2", "data.synthetic_train_images=16", "data.synthetic_val_images=8",
+                          "train.batch_size=8", "train.latency_repeats=1", *extra] for a in ("--set", s)]]
+    killed = flowers(*args, "--runs-dir", str(tmp_path / "killed"),
+                     env={"FLOWERS_FAULT": "checkpoint-published:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = flowers("train", "-e", "smoke", "--backend", "tensorflow", "--resume",
+                      "--runs-dir", str(tmp_path / "killed"))
+    assert "resume: 2 of 2 epochs done" in resumed.stdout
+    whole = run_dir_of(flowers(*args, "--runs-dir", str(tmp_path / "whole")))
+    uninterrupted = read_json(whole / "metrics.json")
+    metrics = read_json(run_dir_of(resumed) / "metrics.json")
+    assert metrics["resumed"] is True
+    assert (metrics["val_loss"], metrics["val_accuracy"]) == \
+        (uninterrupted["val_loss"], uninterrupted["val_accuracy"])
