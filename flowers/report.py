@@ -424,10 +424,12 @@ def _grouped(values: list[tuple[str, str, Any]]) -> str:
     return " vs ".join(f"{shown} ({', '.join(runs_with)})" for shown, runs_with in groups.values())
 
 
-def _read_history(path: Path) -> list[dict[str, float]]:
+def _read_history(path: Path) -> list[dict[str, float | str]]:
+    """history.csv's rows: every column a number but `phase` ("head" / "finetune")."""
     try:
         with path.open(newline="") as f:
-            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = [{k: v if k == "phase" else float(v) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
     except (OSError, ValueError, TypeError) as exc:
         raise FlowersError(f"{path}: unreadable history.csv ({exc})") from None
     if not rows or not {"epoch", "val_accuracy", "val_loss"} <= set(rows[0]):
