@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import keras
 
@@ -45,6 +46,14 @@ def restored_epoch(backup_dir: Path) -> int:
     return int(files.read_json(state / METADATA_FILE)["epoch"]) if state else 0
 
 
+class Companion(Protocol):
+    """A callback whose state is saved and restored with each epoch's checkpoint."""
+
+    def save_state(self, staging: Path) -> None: ...
+
+    def load_state(self, state: Path) -> None: ...
+
+
 class EpochCheckpoint(keras.callbacks.BackupAndRestore):
     """BackupAndRestore whose state is one directory per epoch, published atomically.
 
@@ -52,8 +61,11 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
     only where it reads and how it writes change.
     """
 
-    def __init__(self, backup_dir: Path, epoch: int | None = None):
+    def __init__(self, backup_dir: Path, epoch: int | None = None, companion: Companion | None = None):
         """Restore `epoch`'s state (the newest when None; nothing when 0).
+
+        A companion callback keeps its own state in every epoch's directory: save_state(staging)
+        before it is published, load_state(state) now, for the epoch restored.
 
         Data-parallel processes restore the newest epoch that every one of them has published: a
         process killed between two checkpoints can be one epoch behind the others, so the two
@@ -68,6 +80,9 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
         state = found.get(epoch, self._backup / "none") if epoch else self._backup / "none"
         self._weights_path = str(state / WEIGHTS_FILE)
         self._training_metadata_path = str(state / METADATA_FILE)
+        self._companion = companion
+        if companion is not None and state.is_dir():
+            companion.load_state(state)
 
     def on_train_begin(self, logs=None):
         # model._initial_epoch is where BackupAndRestore tells fit() to start; it outlives a fit()
@@ -81,6 +96,8 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
             self.model.save_weights(str(staging / WEIGHTS_FILE))
             files.write_json(staging / METADATA_FILE,
                              {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+            if self._companion is not None:
+                self._companion.save_state(staging)
             files.publish_dir(staging, self._backup / f"epoch-{self._current_epoch}", replace=True)
         faults.point(f"checkpoint-published:{self._current_epoch}")
         for epoch, old in states(self._backup).items():

@@ -84,6 +84,9 @@ class TrainConfig:
     distribution: str = "none"
     # learning rate over each phase's steps: "constant" or "cosine" (decays to 0 by the phase's end)
     lr_schedule: str = "constant"
+    # end a phase when val_loss has not improved for this many epochs, keeping its best epoch's
+    # weights (0 = off)
+    early_stopping_patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,8 @@ def validate(experiment: Experiment) -> None:
              f"must be one of {', '.join(DISTRIBUTIONS)}")
     _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", t.lr_schedule,
              f"must be one of {', '.join(LR_SCHEDULES)}")
+    _require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,
+             "must be >= 0 (0 = off)")
     _require(f.epochs >= 0, "finetune.epochs", f.epochs, "must be >= 0 (0 = no fine-tuning)")
     _require(f.learning_rate > 0, "finetune.learning_rate", f.learning_rate, "must be > 0")
     unfreeze = f.unfreeze.strip()

@@ -43,7 +43,7 @@ METRIC_KEYS = (
     "python_version", "device", "host", "config_hash", "run_id", "created", "resumed",
     "num_train", "num_val", "num_classes", "skipped_files", "data_cached",
     "backbone", "data_format", "jit_compile", "dtype_policy", "distribution", "replicas", "processes",
-    "epochs", "finetune_epochs", "phase_times_s", "feature_extraction_s", "train_time_s",
+    "epochs", "finetune_epochs", "phase_times_s", "early_stopping", "feature_extraction_s", "train_time_s",
     "epoch_times_s", "first_epoch_s", "warmup_epochs",
     "train_images_per_s",
     "peak_host_rss_mb", "peak_device_mem_mb", "eval_time_s", "latency_ms",
@@ -150,6 +150,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
     metrics.setdefault("backbone", "ResNet50")
     metrics.setdefault("finetune_epochs", 0)
     metrics.setdefault("phase_times_s", {"head": metrics.get("train_time_s")})
+    metrics.setdefault("early_stopping", None)  # runs from before train.early_stopping_patience
     missing = [k for k in (*METRIC_KEYS, "null_reasons") if k not in metrics]
     if missing:
         raise FlowersError(f"{path}: metrics.json lacks {', '.join(missing)}")

@@ -82,11 +82,15 @@ class EpochTimer(keras.callbacks.Callback):
         files.write_json(self.progress_path, {"train_s": self.train_s, "wall_s": self.wall_s,
                                              "warmup_epochs": sorted(self.warmup_epochs)})
 
+    def epochs_run(self, epochs: int) -> list[int]:
+        """The run's epochs that were trained, in order (early stopping skips a phase's last ones)."""
+        return sorted(e for e in self.train_s if e < epochs)
+
     def epoch_times_s(self, epochs: int) -> list[float]:
-        return [self.train_s[e] for e in range(epochs)]
+        return [self.train_s[e] for e in self.epochs_run(epochs)]
 
     def total_wall_s(self, epochs: int) -> float:
-        return sum(self.wall_s[e] for e in range(epochs))
+        return sum(self.wall_s[e] for e in self.epochs_run(epochs))
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -109,6 +113,8 @@ class Fitted:
     timer: EpochTimer
     jit_compile: bool
     feature_extraction_s: float | None
+    # phase -> {"best_epoch", "stopped_epoch"} (1-based) with train.early_stopping_patience, else None
+    early_stopping: dict[str, dict[str, int | None] | None] | None = None
 
 
 @dataclass
@@ -162,6 +168,11 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         raise FlowersError(f"data-parallel training needs at least one whole global batch: "
                            f"{splits.num_train} training images < train.batch_size="
                            f"{cfg.train.batch_size}")
+    if cfg.train.early_stopping_patience and not validates_every_epoch(fit_splits):
+        raise FlowersError(f"train.early_stopping_patience={cfg.train.early_stopping_patience} "
+                           f"watches val_loss, but {splits.num_val} validation images are fewer than "
+                           f"one global batch ({fit_splits.batch_size}) and per-epoch validation is "
+                           "skipped; add validation images or set train.early_stopping_patience=0")
     num_classes = len(splits.class_names)
     say(f"model: building {cfg.model.backbone} ({cfg.model.weights} weights) + head, "
         f"{num_classes} classes")
@@ -239,15 +250,77 @@ class PhaseWeights(keras.callbacks.Callback):
         self.full_model, self.folder, self.last_epoch = model, folder, last_epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.last_epoch:
+        if epoch == self.last_epoch or self.model.stop_training:  # the phase's last epoch
             with files.staging_dir(self.folder.parent) as staging:
-                np.savez(staging / "weights.npz", *self.full_model.get_weights())
+                _save_weights(staging / "weights.npz", self.full_model.get_weights())
                 files.publish_dir(staging, self.folder, replace=True)
 
     @staticmethod
     def restore(model: keras.Model, folder: Path) -> None:
-        with np.load(folder / "weights.npz") as saved:
-            model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+        model.set_weights(_load_weights(folder / "weights.npz"))
+
+
+def _save_weights(path: Path, values: list[np.ndarray]) -> None:
+    np.savez(path, *values)
+
+
+def _load_weights(path: Path) -> list[np.ndarray]:
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+class EarlyStop(keras.callbacks.EarlyStopping):
+    """train.early_stopping_patience for one phase: ends it when val_loss has not improved for
+    `patience` epochs, and puts the phase's best weights back.
+
+    The best weights go back at the epoch the phase ends (stopped, or its last), before that epoch's
+    checkpoint and the boundary weights are written, so both hold them, and so does model.keras.
+    The callback's state (best val_loss, its epoch, the wait, the best weights) is saved with every
+    epoch's checkpoint (a checkpoint.Companion), so a resumed phase stops where an uninterrupted
+    one would.
+    """
+
+    STATE_FILE, WEIGHTS_FILE = "early_stopping.json", "best.weights.npz"
+
+    def __init__(self, patience: int, last_epoch: int):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+        self.last_epoch = last_epoch
+        self._restored: tuple[dict, list[np.ndarray]] | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._restored:
+            state, self.best_weights = self._restored
+            self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if (self.stopped_epoch or epoch == self.last_epoch) and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+    def on_train_end(self, logs=None):
+        pass  # the best weights went back at the phase's last epoch (on_epoch_end)
+
+    def save_state(self, staging: Path) -> None:
+        files.write_json(staging / self.STATE_FILE, {
+            "best": None if self.best is None else float(self.best), "best_epoch": self.best_epoch,
+            "wait": self.wait, "stopped_epoch": self.stopped_epoch or None})
+        _save_weights(staging / self.WEIGHTS_FILE, self.best_weights)
+
+    def load_state(self, state: Path) -> None:
+        self._restored = (files.read_json(state / self.STATE_FILE),
+                          _load_weights(state / self.WEIGHTS_FILE))
+
+    @classmethod
+    def summary(cls, phase_dir: Path) -> dict[str, int | None] | None:
+        """{"best_epoch", "stopped_epoch"} (1-based, None: ran every epoch) from the phase's newest
+        checkpoint; None when the phase has none."""
+        state = latest_state(phase_dir)
+        if state is None or not (state / cls.STATE_FILE).is_file():
+            return None
+        saved = files.read_json(state / cls.STATE_FILE)
+        return {"best_epoch": saved["best_epoch"] + 1,
+                "stopped_epoch": None if saved["stopped_epoch"] is None else saved["stopped_epoch"] + 1}
 
 
 def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path, backend_name: str,
@@ -279,10 +352,12 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     num_classes = len(splits.class_names)
     feature_extraction_s = None
     ran_head_phase = ran_a_phase = False
+    patience = cfg.train.early_stopping_patience
     for phase in phases(cfg):
-        if first_epoch >= phase.end:
-            continue
         phase_dir = backup_dir if phase.name == "head" else finetune_dir
+        stopped = patience and (EarlyStop.summary(phase_dir) or {}).get("stopped_epoch")
+        if first_epoch >= phase.end or stopped:
+            continue
         restore = first_epoch if first_epoch > phase.start else 0
         if phase.name == "finetune":
             if not restore and not ran_head_phase:
@@ -292,15 +367,18 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
                 f"BatchNormalization stays frozen), learning rate {phase.learning_rate:g}")
         boundary = [PhaseWeights(model, boundary_dir, phase.end - 1)] \
             if phase.name == "head" and cfg.finetune.epochs else []
+        stopper = EarlyStop(patience, phase.end - 1) if patience else None
         fit_callbacks = [
             # The engine's first (torch: rank 0's weights everywhere before training; logs averaged
-            # over the processes before anything records them).
+            # over the processes before anything records them, so every process stops alike).
             *engine.callbacks(),
+            # Before the boundary weights and the checkpoint, which then hold the best weights.
+            *([stopper] if stopper else []),
             *chief_callbacks,
             *boundary,
             # After the epoch's times and history row are written, so a kill between the two leaves a
             # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
-            EpochCheckpoint(phase_dir, restore),
+            EpochCheckpoint(phase_dir, restore, companion=stopper),
             *callbacks,
         ]
         begin = max(first_epoch, phase.start)
@@ -317,7 +395,7 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
                           cfg.train.jit_compile)
         if timer:
             timer.compiled_again()
-        if splits.drop_remainder and splits.num_val < splits.batch_size:
+        if not validates_every_epoch(splits):
             say(f"validation: fewer than one global batch ({splits.num_val} images); per-epoch "
                 "validation is skipped, the final evaluation uses every image")
             val_data = None
@@ -335,7 +413,14 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
         # Killed after the last epoch's checkpoint, before the run directory was written: nothing
         # is left to fit, but the model still has to hold what the run trained.
         _restore_last_checkpoint(model, cfg, backup_dir, finetune_dir)
-    return Fitted(timer, bool(model.jit_compile), feature_extraction_s)
+    early_stopping = {phase.name: EarlyStop.summary(backup_dir if phase.name == "head" else finetune_dir)
+                      for phase in phases(cfg)} if patience else None
+    return Fitted(timer, bool(model.jit_compile), feature_extraction_s, early_stopping)
+
+
+def validates_every_epoch(splits: data.Splits) -> bool:
+    """False when whole global batches leave no validation batch (per-epoch validation skipped)."""
+    return not (splits.drop_remainder and splits.num_val < splits.batch_size)
 
 
 def _restore_last_checkpoint(model: keras.Model, cfg: Experiment, backup_dir: Path,
@@ -454,19 +539,24 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
     """metrics.json of a finished run (schema and method: flowers/metrics.py)."""
     peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
     timer = fitted.timer
+    epochs_run = timer.epochs_run(cfg.total_epochs)
     epoch_times = timer.epoch_times_s(cfg.total_epochs)
-    phase_times = {phase.name: sum(timer.wall_s[e] for e in phase.epochs) for phase in phases(cfg)}
+    phase_times = {phase.name: sum(timer.wall_s[e] for e in phase.epochs if e in epochs_run)
+                   for phase in phases(cfg)}
     phase_times["head"] += fitted.feature_extraction_s or 0.0
     warmup_epochs = sorted(timer.warmup_epochs)
     images_per_epoch = splits.steps_per_epoch * splits.batch_size if splits.drop_remainder \
         else splits.num_train
-    images_per_s, speed_reason = throughput(images_per_epoch, epoch_times, warmup_epochs)
+    images_per_s, speed_reason = throughput(
+        images_per_epoch, epoch_times, [i for i, e in enumerate(epochs_run) if e in timer.warmup_epochs])
     feature_reason = "train.cache_features is off" if not cfg.train.cache_features else \
         None if fitted.feature_extraction_s is not None else \
         "the head phase, which trains on cached features, had finished before this process resumed"
     null_reasons = {k: r for k, r in (("peak_device_mem_mb", device_reason),
                                        ("train_images_per_s", speed_reason),
-                                       ("feature_extraction_s", feature_reason)) if r}
+                                       ("feature_extraction_s", feature_reason),
+                                       ("early_stopping", None if fitted.early_stopping else
+                                        "train.early_stopping_patience is 0 (off)")) if r}
     return build_metrics({
         "experiment": cfg.name,
         "backend": backend_name,
@@ -489,9 +579,10 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
         "distribution": engine.distribution,
         "replicas": engine.replicas,
         "processes": engine.processes,
-        "epochs": cfg.total_epochs,
+        "epochs": len(epochs_run),
         "finetune_epochs": cfg.finetune.epochs,
         "phase_times_s": phase_times,
+        "early_stopping": fitted.early_stopping,
         "feature_extraction_s": fitted.feature_extraction_s,
         "train_time_s": timer.total_wall_s(cfg.total_epochs) + (fitted.feature_extraction_s or 0.0),
         "epoch_times_s": epoch_times,

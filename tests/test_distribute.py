@@ -212,6 +212,11 @@ def test_a_dead_peer_stops_the_survivor_with_one_resumable_line(tmp_path):
      {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
      "torchrun describes 2 processes but train.distribution is 'none'"),
     (["--backend", "jax"], {"CLUSTER_SPEC": "{broken"}, "CLUSTER_SPEC is not a Vertex AI cluster"),
+    (["--backend", "jax", "--set", "train.batch_size=8", "--set", "data.synthetic_val_images=4",
+      "--set", "train.early_stopping_patience=2"],
+     {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+     "train.early_stopping_patience=2 watches val_loss, but 4 validation images are fewer than one "
+     "global batch (8)"),
 ])
 def test_distribution_requests_that_cannot_work_are_refused(tmp_path, args, env, message):
     if "--distribute" not in args:

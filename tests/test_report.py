@@ -248,7 +248,7 @@ def _generated_run(root, backend, run_id, overrides=(), device="cpu", val_accura
         "data_cached": True, "backbone": "ResNet50", "data_format": "channels_last", "jit_compile": False,
         "dtype_policy": "float32", "distribution": "none", "replicas": 1, "processes": 1,
         "epochs": epochs, "finetune_epochs": 0, "phase_times_s": {"head": 10.0},
-        "feature_extraction_s": None,
+        "early_stopping": None, "feature_extraction_s": None,
         "train_time_s": 10.0, "epoch_times_s": [5.0] + [1.0] * (epochs - 1), "first_epoch_s": 5.0,
         "warmup_epochs": [0], "train_images_per_s": 128.0 if epochs > 1 else None,
         "peak_host_rss_mb": 900.0, "peak_device_mem_mb": None, "eval_time_s": 0.5,
@@ -257,7 +257,8 @@ def _generated_run(root, backend, run_id, overrides=(), device="cpu", val_accura
         "val_loss": 1.0, "val_accuracy": val_accuracy, "val_top5_accuracy": 1.0,
     }
     reasons = {"peak_device_mem_mb": "no framework allocator on CPU",
-               "feature_extraction_s": "train.cache_features is off"}
+               "feature_extraction_s": "train.cache_features is off",
+               "early_stopping": "train.early_stopping_patience is 0 (off)"}
     if epochs == 1:
         reasons["train_images_per_s"] = "needs at least 2 epochs"
     files.write_json(run / "metrics.json", build_metrics(values, reasons))
