@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from flowers import backbones, backend, data, distribute, files, host, runs, weights
-from flowers.checkpoint import WEIGHTS_FILE, EpochCheckpoint, latest_state, restored_epoch
+from flowers.checkpoint import WEIGHTS_FILE, EpochCheckpoint, latest_state, restored_epoch, states
 from flowers.config import Experiment
 from flowers.errors import FlowersError
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
@@ -312,10 +312,10 @@ class EarlyStop(keras.callbacks.EarlyStopping):
                           _load_weights(state / self.WEIGHTS_FILE))
 
     @classmethod
-    def summary(cls, phase_dir: Path) -> dict[str, int | None] | None:
-        """{"best_epoch", "stopped_epoch"} (1-based, None: ran every epoch) from the phase's newest
-        checkpoint; None when the phase has none."""
-        state = latest_state(phase_dir)
+    def summary(cls, phase_dir: Path, epoch: int | None = None) -> dict[str, int | None] | None:
+        """{"best_epoch", "stopped_epoch"} (1-based, None: ran every epoch) from the phase's
+        checkpoint after `epoch` epochs (the newest when None); None when there is none."""
+        state = latest_state(phase_dir) if epoch is None else states(phase_dir).get(epoch)
         if state is None or not (state / cls.STATE_FILE).is_file():
             return None
         saved = files.read_json(state / cls.STATE_FILE)
@@ -355,7 +355,8 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     patience = cfg.train.early_stopping_patience
     for phase in phases(cfg):
         phase_dir = backup_dir if phase.name == "head" else finetune_dir
-        stopped = patience and (EarlyStop.summary(phase_dir) or {}).get("stopped_epoch")
+        # the state this process restores: data-parallel processes may have saved one epoch apart
+        stopped = patience and (EarlyStop.summary(phase_dir, first_epoch) or {}).get("stopped_epoch")
         if first_epoch >= phase.end or stopped:
             continue
         restore = first_epoch if first_epoch > phase.start else 0
