@@ -69,7 +69,7 @@ def test_a_missed_target_is_one_line_and_a_nonzero_exit(parity_run, tmp_path, ro
     driver = f"""
         import json
         import flowers.parity
-        flowers.parity.run_parity = lambda backends, image_size, on_step=None: json.loads(
+        flowers.parity.run_parity = lambda backends, image_size, on_step=None, backbone=None: json.loads(
             {json.dumps(recorded)!r})
         from flowers.cli import main
         main(["parity", "--out", "{tmp_path}"])
