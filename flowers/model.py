@@ -62,6 +62,26 @@ class ResNet50Preprocess(ImagenetPreprocess):
         super().__init__(mode="caffe", **kwargs)
 
 
+@keras.saving.register_keras_serializable(package="flowers")
+class InferenceMode(keras.layers.Wrapper):
+    """Runs the wrapped layer (the frozen backbone) in inference mode however the model is called.
+
+    Keras 3.15's functional models pass the outer call's `training` to every nested layer, over a
+    `training=False` written when the graph was built (fixed upstream after 3.15.1:
+    keras-team/keras#23364). A frozen backbone would then run its own Dropout layers in training
+    mode under model.fit: EfficientNet's and EfficientNetV2's stochastic depth (15 Dropout layers
+    in EfficientNetV2B0) noised every training step's features, which the feature cache (computed
+    in inference mode) does not, and which no other backbone does. BatchNormalization was not
+    affected: a frozen BatchNormalization layer runs in inference mode by itself.
+    """
+
+    def call(self, inputs):
+        return self.layer(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+
 def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
     """Build the classifier: preprocessing -> backbone -> GAP -> Dense relu -> Dropout -> logits.
 
@@ -98,9 +118,10 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
         x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
     backbone = backbones.build(spec, weights, image_size, data_format)
     backbone.trainable = not config.freeze_backbone
-    # A frozen backbone also keeps its BatchNorm layers in inference mode (transfer-learning rule);
-    # fine-tuning (flowers.finetune) unfreezes layers of this same graph, so BatchNorm stays there.
-    x = backbone(x, training=False) if config.freeze_backbone else backbone(x)
+    # A frozen backbone runs in inference mode (its BatchNormalization and Dropout layers; the
+    # transfer-learning rule), also while fine-tuning unfreezes layers of this same graph.
+    x = InferenceMode(backbone, name=f"{backbone.name}_inference")(x) \
+        if config.freeze_backbone else backbone(x)
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
     else:  # a custom backbone that pools its own features
@@ -114,8 +135,10 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
-    """The backbone inside a model from build_model (its one nested keras.Model)."""
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    """The backbone inside a model from build_model (its one nested keras.Model, unwrapped from
+    InferenceMode when it is frozen)."""
+    nested = [layer.layer if isinstance(layer, InferenceMode) else layer for layer in model.layers]
+    nested = [layer for layer in nested if isinstance(layer, keras.Model)]
     if len(nested) != 1:
         raise FlowersError(f"model {model.name!r} has {len(nested)} nested models; expected one "
                            "backbone")

@@ -196,13 +196,19 @@ def test_feature_cache_head_equals_full_model(backend, flowers12):
     assert out["labels_equal"] and out["train_batches"] == out["epochs"] * -(-720 // 32)
 
 
-def test_feature_cache_training_matches_standard_training(tmp_path):
-    """Same seed, batches and dropout masks: a cached-feature run ends where a standard one does."""
+@pytest.mark.parametrize("backbone", ["ResNet50", "EfficientNetV2B0"])
+def test_feature_cache_training_matches_standard_training(tmp_path, backbone):
+    """Same seed, batches and dropout masks: a cached-feature run ends where a standard one does.
+
+    EfficientNetV2B0 has Dropout layers inside its backbone (stochastic depth): a frozen backbone
+    must run them in inference mode under fit, as the cache does (flowers.model.InferenceMode).
+    """
     runs = {}
     for cache in ("false", "true"):
         runs[cache] = read_json(run_dir_of(flowers(
             "train", "-e", "smoke", "--backend", "tensorflow", "--runs-dir", str(tmp_path / cache),
-            "--set", f"train.cache_features={cache}")) / "metrics.json")
+            "--set", f"train.cache_features={cache}", "--set", f"model.backbone={backbone}"))
+            / "metrics.json")
     assert runs["true"]["val_accuracy"] == pytest.approx(runs["false"]["val_accuracy"], abs=1e-6)
     assert runs["true"]["val_loss"] == pytest.approx(runs["false"]["val_loss"], rel=1e-4)
     assert runs["true"]["feature_extraction_s"] > 0
