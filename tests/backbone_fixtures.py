@@ -14,3 +14,10 @@ def wrong_input(input_shape, weights):
 
 def raises(input_shape, weights):
     raise RuntimeError("weights server said no")
+
+
+def blind(input_shape, weights):
+    """A backbone whose features ignore the image (all zeros): nothing for parity to compare."""
+    inputs = keras.Input(shape=input_shape)
+    zeros = keras.layers.Lambda(lambda x: keras.ops.zeros_like(x[..., :8]))(inputs)
+    return keras.Model(inputs, zeros)

@@ -120,3 +120,34 @@ def test_parity_rejects(tmp_path, args, message):
     error = one_line_error(flowers("parity", *args, "--out", str(tmp_path)))
     assert message in error
     assert not (tmp_path / "parity.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, calibrated", [("MobileNetV3Small", True),
+                                                  ("EfficientNetV2B0", False)])
+def test_parity_holds_for_other_backbones(flowers12, tmp_path, backbone, calibrated):
+    """Other families meet the same targets, and their training steps agree, not just the losses.
+
+    MobileNetV3Small's random features are exactly 0 (every photo the same prediction), so parity
+    calibrates its BatchNormalization statistics first. EfficientNetV2B0's training steps differed
+    (weight drift / update 0.8, max |Δloss| 1e-3) while its frozen backbone's stochastic-depth
+    Dropout ran in training mode under fit (flowers.model.InferenceMode).
+    """
+    result = flowers("parity", "--backbone", backbone, "--image-size", "64", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    parity = read_json(tmp_path / "parity.json")
+    assert parity["backbone"] == backbone and parity["passed"] is True
+    assert (parity["runs"]["torch"]["batch_norm_layers_calibrated"] > 0) == calibrated
+    assert ("BatchNormalization layers' statistics" in result.stdout) == calibrated
+    for row in parity["results"]:
+        assert row["weight_drift_vs_update"] < 1e-3, row
+    losses = parity["reference_losses"]
+    assert max(losses) - min(losses) > 10 * TARGET_MAX_ABS_LOSS_DIFF, losses
+
+
+def test_parity_refuses_a_model_that_ignores_the_photos(flowers12, tmp_path):
+    error = one_line_error(flowers("parity", "--backbone", "tests.backbone_fixtures:blind",
+                                   "--image-size", "32", "--out", str(tmp_path)))
+    assert "predicts (almost) the same for every photo" in error, error
+    assert "the comparison would test nothing" in error
+    assert not (tmp_path / "parity.json").exists()

@@ -252,7 +252,19 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def notes(result: dict[str, Any]) -> list[str]:
-    """Generated explanations: whether the training steps reached the case clipping used to break."""
+    """Generated explanations: a calibrated init, and whether the training steps reached the case
+    clipping used to break."""
+    calibrated = result.get("runs", {}).get(result.get("reference"), {}).get(
+        "batch_norm_layers_calibrated")
+    lines = [f"With random weights {result.get('backbone')} predicted almost the same for every "
+             f"photo (a spread below the {TARGET_MAX_ABS_PROB_DIFF:.0e} target), so the reference "
+             f"first set its {calibrated} BatchNormalization layers' statistics from the training "
+             "photos (one training-mode pass); every backend then started from that init."
+             ] if calibrated else []
+    return lines + _clipping_notes(result)
+
+
+def _clipping_notes(result: dict[str, Any]) -> list[str]:
     clipped = result.get("reference_clipped_images", [])
     steps = [i + 1 for i, count in enumerate(clipped) if count]
     if not steps:

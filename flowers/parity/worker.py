@@ -17,10 +17,51 @@ from typing import Any
 import numpy as np
 
 from flowers import backend, config, workers
-from flowers.parity.check import CLIP_EPSILON
+from flowers.errors import FlowersError
+from flowers.parity.check import CLIP_EPSILON, TARGET_MAX_ABS_PROB_DIFF
 
 INIT_WEIGHTS_FILE = "init.weights.h5"
 INPUTS_FILE = "inputs.npz"
+
+
+def prediction_spread(model, images: np.ndarray) -> float:
+    """How much the model's probabilities vary across `images`: max over classes of max - min."""
+    import keras
+
+    from flowers.model import with_probabilities
+
+    probs = keras.ops.convert_to_numpy(with_probabilities(model).predict_on_batch(images))
+    return float(np.ptp(probs, axis=0).max())
+
+
+def calibrate_batch_norm(model, experiment: config.Experiment, num_classes: int,
+                         images: np.ndarray) -> int:
+    """Set every BatchNormalization layer's moving statistics to those of `images`; the count.
+
+    A randomly initialised backbone's inference-mode BatchNormalization (mean 0, variance 1) does
+    not normalise: activations shrink or grow layer after layer, and MobileNetV3Small's features
+    reach exactly 0 (every photo gets the same prediction; parity would compare nothing). One
+    training-mode pass with momentum 0 makes each layer's moving statistics the batch statistics
+    of its input; in inference mode the network then computes what that pass computed, with
+    unit-scale activations, the way a trained backbone's statistics behave. The pass runs on an
+    unfrozen twin (a frozen backbone always runs in inference mode) whose weights come back.
+    """
+    import dataclasses
+
+    import keras
+
+    from flowers.model import build_model
+
+    twin = build_model(dataclasses.replace(experiment.model, freeze_backbone=False),
+                       experiment.data.image_size, num_classes)
+    twin.set_weights(model.get_weights())
+    layers = [layer for layer in twin._flatten_layers(include_self=False)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = 0.0
+    twin(images, training=True)
+    model.set_weights(twin.get_weights())
+    return len(layers)
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +76,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     size, num_classes = experiment.data.image_size, request["num_classes"]
     keras.utils.set_random_seed(experiment.train.seed)
     model = build_model(experiment.model, size, num_classes)
+    calibrated = None
     if request["create"]:
         from flowers.data import load_image_files
 
@@ -44,6 +86,19 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                  train=load_image_files(train_files, size),
                  train_labels=np.tile(np.arange(num_classes, dtype=np.int32),
                                       len(request["train_steps"])))
+        with np.load(work_dir / INPUTS_FILE) as saved:
+            forward, train = (saved[k].astype(np.float32) for k in ("forward", "train"))
+        calibrated = 0
+        # Predictions that vary less across the photos than the target cannot show a difference.
+        if prediction_spread(model, forward) < TARGET_MAX_ABS_PROB_DIFF:
+            calibrated = calibrate_batch_norm(model, experiment, num_classes, train)
+            spread = prediction_spread(model, forward)
+            if spread < TARGET_MAX_ABS_PROB_DIFF:
+                raise FlowersError(
+                    f"parity: {experiment.model.backbone} with random weights predicts (almost) "
+                    f"the same for every photo (spread {spread:.1e}, even after calibrating "
+                    f"{calibrated} BatchNormalization layers on the photos); the comparison would "
+                    "test nothing")
         model.save_weights(work_dir / INIT_WEIGHTS_FILE)
     model.load_weights(work_dir / INIT_WEIGHTS_FILE)
     inputs = np.load(work_dir / INPUTS_FILE)
@@ -76,6 +131,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         "data_format": model.get_layer("avg_pool").data_format,
         "jit_compile": bool(model.jit_compile),
         **backend.versions(name),
+        # reference only: BatchNormalization layers calibrated on the photos (0: none needed)
+        **({"batch_norm_layers_calibrated": calibrated} if request["create"] else {}),
     }
 
 
