@@ -312,10 +312,10 @@ class EarlyStop(keras.callbacks.EarlyStopping):
                           _load_weights(state / self.WEIGHTS_FILE))
 
     @classmethod
-    def summary(cls, phase_dir: Path, epoch: int | None = None) -> dict[str, int | None] | None:
+    def summary(cls, checkpoints: Path, epoch: int | None = None) -> dict[str, int | None] | None:
         """{"best_epoch", "stopped_epoch"} (1-based, None: ran every epoch) from the phase's
         checkpoint after `epoch` epochs (the newest when None); None when there is none."""
-        state = latest_state(phase_dir) if epoch is None else states(phase_dir).get(epoch)
+        state = latest_state(checkpoints) if epoch is None else states(checkpoints).get(epoch)
         if state is None or not (state / cls.STATE_FILE).is_file():
             return None
         saved = files.read_json(state / cls.STATE_FILE)
@@ -337,9 +337,10 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     engine = engine or distribute.Engine()
     say = progress or (lambda line: None)
     backup_dir = engine.backup_dir(run_dir)
-    finetune_dir, boundary_dir = backup_dir / "finetune", backup_dir / "head-final"
+    boundary_dir = backup_dir / "head-final"
     # every process starts at the newest epoch all of them have saved
-    first_epoch = engine.minimum(restored_epoch(finetune_dir) or restored_epoch(backup_dir))
+    first_epoch = engine.minimum(restored_epoch(phase_dir("finetune", backup_dir))
+                                 or restored_epoch(backup_dir))
     if first_epoch:
         say(f"resume: {first_epoch} of {cfg.total_epochs} epochs done; continuing")
     timer = EpochTimer(run_dir / "progress.json") if engine.is_chief else None
@@ -354,9 +355,9 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     ran_head_phase = ran_a_phase = False
     patience = cfg.train.early_stopping_patience
     for phase in phases(cfg):
-        phase_dir = backup_dir if phase.name == "head" else finetune_dir
+        checkpoints = phase_dir(phase.name, backup_dir)
         # the state this process restores: data-parallel processes may have saved one epoch apart
-        stopped = patience and (EarlyStop.summary(phase_dir, first_epoch) or {}).get("stopped_epoch")
+        stopped = patience and (EarlyStop.summary(checkpoints, first_epoch) or {}).get("stopped_epoch")
         if first_epoch >= phase.end or stopped:
             continue
         restore = first_epoch if first_epoch > phase.start else 0
@@ -379,7 +380,7 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
             *boundary,
             # After the epoch's times and history row are written, so a kill between the two leaves a
             # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
-            EpochCheckpoint(phase_dir, restore, companion=stopper),
+            EpochCheckpoint(checkpoints, restore, companion=stopper),
             *callbacks,
         ]
         begin = max(first_epoch, phase.start)
@@ -413,8 +414,8 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     if not ran_a_phase:
         # Killed after the last epoch's checkpoint, before the run directory was written: nothing
         # is left to fit, but the model still has to hold what the run trained.
-        _restore_last_checkpoint(model, cfg, backup_dir, finetune_dir)
-    early_stopping = {phase.name: EarlyStop.summary(backup_dir if phase.name == "head" else finetune_dir)
+        _restore_last_checkpoint(model, cfg, backup_dir)
+    early_stopping = {phase.name: EarlyStop.summary(phase_dir(phase.name, backup_dir))
                       for phase in phases(cfg)} if patience else None
     return Fitted(timer, bool(model.jit_compile), feature_extraction_s, early_stopping)
 
@@ -424,12 +425,17 @@ def validates_every_epoch(splits: data.Splits) -> bool:
     return not (splits.drop_remainder and splits.num_val < splits.batch_size)
 
 
-def _restore_last_checkpoint(model: keras.Model, cfg: Experiment, backup_dir: Path,
-                             finetune_dir: Path) -> None:
+def phase_dir(phase_name: str, backup_dir: Path) -> Path:
+    """Where a phase keeps its epoch checkpoints: the head phase in backup_dir itself (as before
+    fine-tuning existed), fine-tuning in backup_dir/finetune."""
+    return backup_dir if phase_name == "head" else backup_dir / "finetune"
+
+
+def _restore_last_checkpoint(model: keras.Model, cfg: Experiment, backup_dir: Path) -> None:
     """Load the run's final checkpoint into model (the head alone when the head phase, the last
     phase, trained on cached features: that is what its checkpoint holds)."""
     last = phases(cfg)[-1]
-    state = latest_state(finetune_dir if last.name == "finetune" else backup_dir)
+    state = latest_state(phase_dir(last.name, backup_dir))
     target = head(model) if last.name == "head" and cfg.train.cache_features else model
     with warnings.catch_warnings():  # the checkpoint's optimizer state: nothing left to train
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
