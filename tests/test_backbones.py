@@ -1,14 +1,14 @@
 """model.backbone: other keras.applications families and a team's own backbone, end to end.
 
 Training runs are small (the suite runs on a 2-core CPU): the worked custom backbone of the README
-(experiments/custom_backbone.py) on the real flowers12 photos under tensorflow, exported to every
-format and verified; MobileNetV3Small on synthetic images under torch (channels_first there) and
+(experiments/custom_backbone.py) on the real flowers12 photos under every backend, exported (from
+the tensorflow run) to every format and verified; MobileNetV3Small on synthetic images under torch (channels_first there) and
 exported. Unknown or broken backbones are one-line errors before any run directory exists.
 """
 
 import pytest
 
-from conftest import flowers, one_line_error, read_json, run_dir_of
+from conftest import BACKENDS, flowers, one_line_error, read_json, run_dir_of
 
 TINY = ["data.synthetic_train_images=16", "data.synthetic_val_images=8", "train.batch_size=8",
         "train.latency_repeats=1", "train.epochs=1"]
@@ -18,10 +18,14 @@ def _sets(settings):
     return [a for s in settings for a in ("--set", s)]
 
 
+def _custom(runs_root, backend):
+    return run_dir_of(flowers("train", "-e", "flowers12-custom", "--backend", backend,
+                              "--runs-dir", str(runs_root)))
+
+
 @pytest.fixture(scope="module")
 def custom_run(runs_root, flowers12):
-    return run_dir_of(flowers("train", "-e", "flowers12-custom", "--backend", "tensorflow",
-                              "--runs-dir", str(runs_root)))
+    return _custom(runs_root, "tensorflow")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,12 @@ def mobilenet_run(runs_root):
 
 
 @pytest.mark.slow
-def test_a_custom_backbone_learns_real_photos(custom_run):
-    metrics = read_json(custom_run / "metrics.json")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_custom_backbone_learns_real_photos(request, runs_root, flowers12, backend):
+    run_dir = request.getfixturevalue("custom_run") if backend == "tensorflow" \
+        else _custom(runs_root, backend)
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["backend"] == backend
     assert metrics["backbone"] == "experiments.custom_backbone:small_cnn"
     assert (metrics["num_train"], metrics["num_val"]) == (720, 240)
     # chance is 1/12 = 0.083; 0.13 is ~2.9 standard errors above it on 240 images
