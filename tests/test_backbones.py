@@ -2,8 +2,9 @@
 
 Training runs are small (the suite runs on a 2-core CPU): the worked custom backbone of the README
 (experiments/custom_backbone.py) on the real flowers12 photos under every backend, exported (from
-the tensorflow run) to every format and verified; MobileNetV3Small on synthetic images under torch (channels_first there) and
-exported. Unknown or broken backbones are one-line errors before any run directory exists.
+the tensorflow run) to every format and verified; MobileNetV3Small on synthetic images under torch
+(channels_first there) and exported. Unknown or broken backbones are one-line errors before any
+run directory exists.
 """
 
 import pytest
