@@ -277,6 +277,12 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
               help="Comma-separated backends, all measured in this one invocation.")
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--image-sizes", default="", metavar="N,N,...",
+              help="Also time the forward pass at these image sides (e.g. 32,64,224): "
+                   "small-image overhead as a figure, with its own target.")
+@click.option("--contention", is_flag=True,
+              help="Also time the forward pass beside a CPU-bound load on every core (bounded "
+                   "busy processes, stopped afterwards): each backend's slowdown.")
 @click.option("--steps", type=int, default=10, show_default=True,
               help="Timed calls per figure (split over the rounds).")
 @click.option("--rounds", type=int, default=2, show_default=True,
@@ -298,9 +304,10 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
               help="model.backbone of every measured model: a keras.applications name, "
                    "package.module:function or hub:PRESET (native twins: ResNet50 only).")
 @out_option
-def bench(backends: str, image_size: int, batch_size: int, steps: int, rounds: int, warmup: int,
-          e2e_epochs: int, e2e_images_per_class: int, images: Path | None, variant_keys: str,
-          backbone: str, out: Path | None) -> None:
+def bench(backends: str, image_size: int, batch_size: int, image_sizes: str, contention: bool,
+          steps: int,
+          rounds: int, warmup: int, e2e_epochs: int, e2e_images_per_class: int,
+          images: Path | None, variant_keys: str, backbone: str, out: Path | None) -> None:
     """Measure every backend against native PyTorch/TensorFlow and the hardware.
 
     Prints the table and writes OUT/bench/<device>/bench.json and bench.md; the last line printed
@@ -318,7 +325,7 @@ def bench(backends: str, image_size: int, batch_size: int, steps: int, rounds: i
         images=str(images.resolve()) if images else "",
         variants={"all": benchmark.VARIANT_KEYS, "none": ()}.get(
             variant_keys, tuple(k.strip() for k in variant_keys.split(",") if k.strip())),
-        backbone=backbone.strip())
+        backbone=backbone.strip(), image_sizes=_sizes(image_sizes), contention=contention)
     results, out_dir = benchmark.run_bench(settings, report.reports_root(out),
                                            progress=lambda line: click.echo(line, err=True))
     click.echo(benchmark.markdown(results))
@@ -405,6 +412,15 @@ def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, 
         out_file.parent.mkdir(parents=True, exist_ok=True)
         files.write_json(out_file, result)
     click.echo(load.render_table(result))
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """--image-sizes "32,64,224" -> (32, 64, 224); a part that is not a whole number: one line."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [part for part in parts if not part.isdigit()]
+    if bad:
+        raise FlowersError(f"--image-sizes: {bad[0]!r} is not a whole number (e.g. 32,64,224)")
+    return tuple(int(part) for part in parts)
 
 
 @cli.command("bench-serve")

@@ -16,6 +16,7 @@ def tiny_bench(tmp_path_factory, flowers12):
     result = flowers("bench", "--image-size", "32", "--batch-size", "4", "--steps", "2",
                      "--rounds", "2", "--warmup", "1", "--e2e-epochs", "2",
                      "--e2e-images-per-class", "2", "--out", str(out),
+                     "--image-sizes", "48", "--contention",
                      # torch.compile needs minutes of C++ compilation on 2 cores: not in the suite
                      "--variants", "model.data_format")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +70,62 @@ def test_bench_json_is_well_formed(tiny_bench):
     assert "no native baseline" in results["backends"]["jax"]["null_reasons"]["keras_vs_native_forward"]
     targets = {t["target"]: t for t in results["targets"]}
     assert "keras-on-torch forward / native torch" in targets
-    assert all(t["met"] in (True, False) for t in targets.values())
+    bf16 = next(t for name, t in targets.items() if "mixed_bfloat16 / float32" in name)
+    assert bf16["met"] is None and "reason" in bf16  # the bf16 variant is not in the tiny run
+    assert all(t["met"] in (True, False) for t in targets.values() if t is not bf16)
+
+
+def test_bench_sweeps_image_sizes_with_their_own_targets(tiny_bench):
+    results, text = tiny_bench
+    for name, f in results["backends"].items():
+        sizes = f["forward_by_size_img_s"]
+        assert list(sizes) == ["32", "48"], name
+        assert sizes["32"] == f["forward_batch_img_s"]  # the main size is the batch forward itself
+        assert 0 < sizes["48"]["min"] <= sizes["48"]["median"] <= sizes["48"]["max"]
+    for size in (32, 48):
+        rates = {n: f["forward_by_size_img_s"][str(size)]["median"]
+                 for n, f in results["backends"].items()}
+        fastest = max(rates, key=rates.get)
+        rows = [t for t in results["targets"] if t["target"].endswith(f"/ fastest ({fastest}) at {size} px")]
+        assert len(rows) == 2 and all(t["goal"] == 0.6 for t in rows), rows  # small images
+        for row in rows:
+            name = row["target"].split(" ")[0]
+            assert row["value"] == pytest.approx(rates[name] / rates[fastest])
+    assert "forward img/s at 48 px, batch 4" in text
+
+
+def test_bench_contention_reports_each_backends_slowdown(tiny_bench):
+    results, text = tiny_bench
+    assert results["contention"]["load_processes"] >= 1
+    for f in results["backends"].values():
+        for task in ("forward_b1", "forward_batch"):
+            loaded = f["contended"][f"{task}_img_s"]
+            assert loaded["median"] > 0 and loaded["calls"] == 2
+            assert f["contended"][f"{task}_slowdown"] == pytest.approx(
+                f[f"{task}_img_s"]["median"] / loaded["median"])
+    rows = [t for t in results["targets"] if "slowdown under contention" in t["target"]]
+    assert len(rows) == 6 and all(t["better"] == "lower" and t["goal"] == 2.0 for t in rows)
+    assert "under contention (slowdown)" in text
+    # the load is gone: no spinning process of the bench is left
+    import psutil
+    spinning = [p for p in psutil.process_iter(["cmdline"])
+                if "while time.monotonic() < end" in " ".join(p.info["cmdline"] or [])]
+    assert spinning == []
+
+
+def test_bench_reports_the_bf16_peak_or_why_there_is_none(tiny_bench):
+    results, text = tiny_bench
+    peak = results["peak"]
+    assert isinstance(peak["native_bf16"], bool)
+    if peak["native_bf16"]:
+        assert peak["bf16_gflops"] > peak["fp32_gflops"] and "bf16 FLOP/cycle" in peak["bf16_method"]
+        for f in results["backends"].values():  # the feature-cache run again in bf16
+            assert f["e2e"]["cache-bf16"]["wall_s"] > 0
+            assert f["e2e"]["bf16_accuracy_delta_pp"] == pytest.approx(
+                100 * (f["e2e"]["cache-bf16"]["val_accuracy"] - f["e2e"]["cache"]["val_accuracy"]))
+    else:
+        assert peak["bf16_gflops"] is None and "no native bf16" in peak["bf16_method"]
+    assert "bf16 peak: " in text
 
 
 def test_bench_markdown_has_every_figure(tiny_bench):
@@ -109,6 +165,19 @@ def test_bench_refuses_a_bad_backbone_before_starting_workers():
     error = one_line_error(flowers("bench", "--backends", "tensorflow", "--backbone", "Xception",
                                    "--image-size", "64"))
     assert "--image-size=64" in error and "71 px" in error
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ("32,big", "--image-sizes: 'big' is not a whole number (e.g. 32,64,224)"),
+    ("16", "--image-sizes: 16 is below 32"),
+    ("64", "--image-sizes: 64: Xception needs images of at least 71 px"),
+])
+def test_bench_refuses_bad_image_sizes_before_starting_workers(sizes, message, tmp_path):
+    error = one_line_error(flowers("bench", "--backends", "tensorflow", "--backbone", "Xception",
+                                   "--image-size", "96", "--image-sizes", sizes,
+                                   "--out", str(tmp_path)))
+    assert message in error, error
+    assert not (tmp_path / "bench").exists()
 
 
 def test_layout_variants_are_skipped_for_a_channels_last_only_backbone():
@@ -298,3 +367,40 @@ def test_cpu_peak_counts_physical_cores_and_says_when_fma_units_are_assumed(monk
     peak = hardware.cpu_peak()
     assert peak["fp32_gflops"] == 8 * 2.0 * 32
     assert peak["fma_units_assumed"] is False and "ASSUMED" not in peak["method"]
+    assert peak["native_bf16"] is False and peak["bf16_gflops"] is None
+    assert "no native bf16" in peak["bf16_method"]
+
+    for flags, per_cycle in (("avx512f avx512_bf16", 128), ("avx512f avx512_bf16 amx_bf16", 1024)):
+        monkeypatch.setattr(hardware, "_cpuinfo", lambda flags=flags: {**intel_avx512, "flags": flags})
+        peak = hardware.cpu_peak()
+        assert peak["native_bf16"] is True and peak["bf16_gflops"] == 8 * 2.0 * per_cycle
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "100000"),                              # on by default for torch
+    ({"FLOWERS_OPENMP_SPIN": "0"}, None),        # switched off: libgomp's own default
+    ({"GOMP_SPINCOUNT": "7"}, "7"),              # the user's own setting wins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
+])
+def test_torch_openmp_spin_is_bounded_before_torch_loads(env, expected):
+    """backend.select("torch") sets GOMP_SPINCOUNT (read once, when torch loads libgomp), and a
+    bench worker's torch sees it; tensorflow and jax processes are left alone."""
+    driver = """
+        import json, os, sys
+        from flowers import backend
+        assert "torch" not in sys.modules
+        backend.select("torch")
+        import keras
+        keras.ops.convert_to_tensor([1.0])
+        print(json.dumps([os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules]))
+    """
+    result = python(driver, env={"FLOWERS_OPENMP_SPIN": "1", **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected, True]
+    other = python("""
+        import os
+        from flowers import backend
+        backend.select("tensorflow")
+        print(os.environ.get("GOMP_SPINCOUNT"))
+    """)
+    assert other.stdout.strip().splitlines()[-1] == "None"

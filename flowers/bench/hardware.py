@@ -89,12 +89,33 @@ def cpu_peak() -> dict[str, Any]:
     mhz, clock_source = _max_clock_mhz(info)
     cores, cores_source = physical_cores()
     gflops = cores * mhz / 1000 * per_cycle
+    bf16_per_cycle, bf16_why = cpu_bf16_flops_per_cycle(flags)
     return {
         "fp32_gflops": round(gflops, 1),
         "fma_units_assumed": assumed,
         "method": f"{cores} {cores_source} x {mhz:.0f} MHz ({clock_source}) x {per_cycle} FP32 "
                   f"FLOP/cycle ({why})",
+        "native_bf16": bf16_per_cycle is not None,
+        "bf16_gflops": (round(cores * mhz / 1000 * bf16_per_cycle, 1)
+                        if bf16_per_cycle is not None else None),
+        "bf16_method": (f"{cores} {cores_source} x {mhz:.0f} MHz x {bf16_per_cycle} bf16 "
+                        f"FLOP/cycle ({bf16_why})" if bf16_per_cycle is not None else bf16_why),
     }
+
+
+def cpu_bf16_flops_per_cycle(flags: set[str]) -> tuple[int | None, str]:
+    """bf16 FLOP per cycle per core from the CPU's native bf16 units, or None and why not.
+
+    AMX-BF16: one TMUL per core multiplies 16x32 by 32x16 bf16 tiles (16,384 FLOP) every 16 cycles.
+    AVX512-BF16: VDPBF16PS adds 16 pairs of bf16 products per 512-bit instruction (64 FLOP), on
+    two FMA units (assumed, as for FP32).
+    """
+    if "amx_bf16" in flags:
+        return 1024, "AMX-BF16: one tile multiply unit = 16 x 16 x 32 x 2 FLOP per 16 cycles"
+    if "avx512_bf16" in flags:
+        return 128, "AVX512-BF16: VDPBF16PS, 2 units x 16 lanes x 2 products x 2 (multiply + add)"
+    return None, ("no native bf16 (neither AMX-BF16 nor AVX512-BF16 in the CPU flags): bf16 is "
+                  "emulated, so its figures are not a target here")
 
 
 def gpu_peak(name: str) -> dict[str, Any]:
@@ -106,13 +127,15 @@ def gpu_peak(name: str) -> dict[str, Any]:
     """
     words = _words(name)
     matches = [key for key in GPU_FP32_TFLOPS if _contains(words, _words(key))]
+    no_bf16 = {"native_bf16": True, "bf16_gflops": None,
+               "bf16_method": "GPU tensor-core bf16 peaks are not tabulated"}
     if not matches:
-        return {"fp32_gflops": None, "method": f"no FP32 figure known for GPU {name!r}"}
+        return {"fp32_gflops": None, "method": f"no FP32 figure known for GPU {name!r}", **no_bf16}
     key = max(matches, key=lambda k: (len(_words(k)), len(k)))
     tflops = GPU_FP32_TFLOPS[key]
     return {"fp32_gflops": tflops * 1000,
             "method": f"NVIDIA's FP32 (non-tensor-core) figure for {key}: {tflops} TFLOP/s "
-                      f"(GPU {name!r})"}
+                      f"(GPU {name!r})", **no_bf16}
 
 
 def peak_for(device: str) -> dict[str, Any]:

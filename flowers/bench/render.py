@@ -34,6 +34,11 @@ def header(results: dict[str, Any]) -> str:
         f"FP32 peak: {_num(peak.get('fp32_gflops'), '{:.0f}')} GFLOP/s — {peak['method']}"
         + (f"; measured float32 GEMM: {peak['gemm_gflops_measured']} GFLOP/s"
            if "gemm_gflops_measured" in peak else ""),
+        f"bf16 peak: {_num(peak.get('bf16_gflops'), '{:.0f}')} GFLOP/s — "
+        f"{peak.get('bf16_method', 'not estimated (an older bench.json)')}",
+        *([f"Contention: {results['contention']['method']} "
+           f"({results['contention']['load_processes']} load processes)"]
+          if results.get("contention") else []),
         f"Model: {_backbone(results)} (random weights, frozen) + head, "
         f"{f[names[0]]['gflops_per_image']:.3g} GFLOP per image (forward, counted from the "
         "Keras layers). Figures: median (min-max).",
@@ -48,9 +53,14 @@ def figures_table(results: dict[str, Any]) -> str:
         ("forward img/s, batch 1", [_rate(f[n].get("forward_b1_img_s")) for n in names]),
         (f"forward img/s, batch {s['batch_size']}",
          [_rate(f[n].get("forward_batch_img_s")) for n in names]),
+        *[(f"forward img/s at {size} px, batch {s['batch_size']}",
+           [_rate(f[n].get("forward_by_size_img_s", {}).get(size)) for n in names])
+          for size in _sweep(f) if len(_sweep(f)) > 1],
         ("forward GFLOP/s (share of FP32 peak)",
          [f"{f[n]['forward_gflops']:.1f} ({_num(f[n]['forward_peak_share'], '{:.0%}')})"
           for n in names]),
+        ("mixed_bfloat16 forward share of bf16 peak",
+         [_or_missing(f[n], "bf16_peak_share", lambda v: f"{v:.0%}") for n in names]),
         ("train step img/s (train_on_batch, tensors in memory)",
          [_rate(f[n].get("train_step_img_s")) for n in names]),
         ("fit img/s, in-memory arrays", [_rate(f[n].get("train_memory_img_s")) for n in names]),
@@ -78,6 +88,11 @@ def figures_table(results: dict[str, Any]) -> str:
                        if variant in f[n]["variants"] else
                        f"skipped: {_skipped(f[n])[variant]}" if variant in _skipped(f[n]) else "—")
                       for n in names]))
+    if any(f[n].get("contended") for n in names):
+        for task, label in (("forward_b1", "batch 1"), ("forward_batch", f"batch {s['batch_size']}")):
+            rows.append((f"forward img/s, {label}, under contention (slowdown)",
+                         [f"{_rate(f[n]['contended'][f'{task}_img_s'])} "
+                          f"({f[n]['contended'][f'{task}_slowdown']:.2f}×)" for n in names]))
     if any(f[n]["e2e"] for n in names):
         e = {n: f[n]["e2e"] for n in names}
         rows += [
@@ -87,6 +102,9 @@ def figures_table(results: dict[str, Any]) -> str:
             ("end-to-end s, train.cache_features (val acc)",
              [f"{e[n]['cache']['wall_s']:.1f} ({e[n]['cache']['val_accuracy']:.3f})" for n in names]),
             ("feature-cache speed-up", [f"{e[n]['speedup']:.1f}×" for n in names]),
+            *([("end-to-end s, train.cache_features in mixed_bfloat16 (val acc)",
+                [f"{e[n]['cache-bf16']['wall_s']:.1f} ({e[n]['cache-bf16']['val_accuracy']:.3f})"
+                 for n in names])] if all("cache-bf16" in e[n] for n in names) else []),
             ("peak host RSS MiB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
             ("peak device memory MiB", [_num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
         ]
@@ -104,6 +122,12 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
 
 def _backbone(results: dict[str, Any]) -> str:
     return results.get("backbone", "ResNet50")  # bench.json files from before --backbone: ResNet50
+
+
+def _sweep(figures: dict[str, Any]) -> list[str]:
+    """The image sides of --image-sizes (bench.json keys), ascending; [] for older files."""
+    return sorted({size for f in figures.values() for size in f.get("forward_by_size_img_s", {})},
+                  key=int)
 
 
 def _skipped(figures: dict[str, Any]) -> dict[str, str]:

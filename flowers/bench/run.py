@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from flowers import backbones, backend, config, files, host
-from flowers.bench import hardware, native
+from flowers.bench import contention, hardware, native
 from flowers.bench.render import markdown
 from flowers.errors import FlowersError
 from flowers.workers import LineWorker, run_worker
@@ -55,9 +55,16 @@ VARIANTS = {
 VARIANT_KEYS = ("model.data_format", "train.jit_compile", "train.dtype_policy")
 TARGETS = {
     "keras_vs_native_torch": 0.9, "keras_vs_native_tensorflow": 0.95, "tfdata_vs_memory": 0.95,
-    "forward_vs_fastest": 0.8, "fastest_peak_share": 0.6, "cache_speedup": 5.0,
-    "cache_accuracy_pp": 1.0,
+    "forward_vs_fastest": 0.8, "forward_vs_fastest_small": 0.6, "fastest_peak_share": 0.6,
+    "cache_speedup": 5.0, "cache_accuracy_pp": 1.0, "contention_slowdown_vs_others": 2.0,
+    "bf16_vs_fp32": 3.0, "bf16_accuracy_pp": 1.0,
 }
+BF16_VARIANT = "train.dtype_policy=mixed_bfloat16"
+# timed again under --contention, with one busy process per logical core beside the workers
+CONTENDED_TASKS = ("forward_b1", "forward_batch")
+# Below this side the forward-vs-fastest goal is forward_vs_fastest_small: per-call overheads
+# (Python, kernel launches, layout copies) weigh more where each convolution has little work.
+SMALL_IMAGE_BELOW = 224
 DEFAULT_IMAGES = config.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
 WORKER_MODULE = "flowers.bench.worker"
 
@@ -77,6 +84,8 @@ class BenchSettings:
     images: str = ""  # class folder of real photos; "" = synthetic images
     variants: tuple[str, ...] = VARIANT_KEYS  # which experiment keys to vary; () = none
     backbone: str = backbones.DEFAULT  # model.backbone of every measured model (flowers.backbones)
+    image_sizes: tuple[int, ...] = ()  # forward at batch_size for each of these sides too
+    contention: bool = False  # time CONTENDED_TASKS again beside a CPU-bound load on every core
 
     def validate(self) -> None:
         if not self.backends:
@@ -94,11 +103,20 @@ class BenchSettings:
                                f"{', '.join(VARIANT_KEYS)}, 'all' or 'none'")
         if self.images and not Path(self.images).is_dir():
             raise FlowersError(f"--images {self.images}: folder not found")
-        try:  # an unknown name, or an image size below the backbone's minimum
-            backbones.check(self.backbone, self.image_size, "auto")
-        except FlowersError as exc:  # the same message, naming this command's options
-            raise FlowersError(str(exc).replace("model.backbone=", "--backbone=", 1)
-                               .replace("data.image_size=", "--image-size=", 1)) from None
+        for size in self.image_sizes:
+            if size < 32:
+                raise FlowersError(f"--image-sizes: {size} is below 32")
+        for size, option in ((self.image_size, "--image-size="),
+                             *((size, "--image-sizes: ") for size in self.image_sizes)):
+            try:  # an unknown name, or an image size below the backbone's minimum
+                backbones.check(self.backbone, size, "auto")
+            except FlowersError as exc:  # the same message, naming this command's options
+                raise FlowersError(str(exc).replace("model.backbone=", "--backbone=", 1)
+                                   .replace("data.image_size=", option, 1)) from None
+
+    def sweep(self) -> list[int]:
+        """Every image side whose forward is measured: --image-size and --image-sizes, ascending."""
+        return sorted({self.image_size, *self.image_sizes})
 
 
 def run_bench(settings: BenchSettings, out_root: Path,
@@ -113,14 +131,24 @@ def run_bench(settings: BenchSettings, out_root: Path,
             workers[name] = LineWorker(WORKER_MODULE, name, _timing_request(settings),
                                        logs / f"{name}.log", "bench worker")
         samples = _interleave(workers, settings, progress)
+        load = None
+        if settings.contention:
+            with contention.background_load() as load:
+                progress(f"contention: {load} busy processes started, one per logical core")
+                contended = _interleave(workers, settings, progress,
+                                        only=[f"contended:{t}" for t in CONTENDED_TASKS])
+            for name in samples:
+                samples[name].update(contended[name])
         ready = {name: w.ready for name, w in workers.items()}
     finally:
         for worker in workers.values():
             worker.close()
     e2e = {}
     if settings.e2e_epochs:
+        # bf16 accuracy: the feature-cache run again in mixed_bfloat16 where bf16 is native
+        bf16 = hardware.peak_for(next(iter(ready.values()))["device"])["native_bf16"]
         for name in settings.backends:
-            for mode in ("standard", "cache"):
+            for mode in ("standard", "cache", *(["cache-bf16"] if bf16 else [])):
                 progress(f"{name}: end-to-end {mode} ({settings.e2e_epochs} epochs)")
                 e2e.setdefault(name, {})[mode] = _end_to_end(name, mode, settings, logs)
     shutil.rmtree(logs, ignore_errors=True)
@@ -138,6 +166,11 @@ def run_bench(settings: BenchSettings, out_root: Path,
         "settings": asdict(settings),
         "method": __doc__.split("Method (written into bench.json beside the figures):")[1].strip(),
         "peak": peak,
+        "contention": None if load is None else {
+            "load_processes": load,
+            "method": f"{contention.__doc__.splitlines()[0]} The {', '.join(CONTENDED_TASKS)} "
+                      "figures are timed again, round by round, while the load runs; slowdown = "
+                      "quiet median / contended median."},
         "backends": {name: _backend_figures(name, settings, ready[name], samples[name], e2e.get(name),
                                             peak)
                      for name in settings.backends},
@@ -150,14 +183,16 @@ def run_bench(settings: BenchSettings, out_root: Path,
 
 
 def _interleave(workers: dict[str, LineWorker], settings: BenchSettings,
-                progress: Callable[[str], None]) -> dict[str, dict[str, dict]]:
-    """Run every task on every backend, round by round in rotating order; collect the samples."""
+                progress: Callable[[str], None],
+                only: Sequence[str] | None = None) -> dict[str, dict[str, dict]]:
+    """Run every task (or `only` these) on every backend, round by round in rotating order;
+    collect the samples."""
     per_round = max(1, -(-settings.steps // settings.rounds))
     names = list(workers)
     samples: dict[str, dict[str, dict]] = {name: {} for name in names}
     for round_index in range(settings.rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
-        for task in (*KERAS_TASKS, *NATIVE_TASKS, "variants"):
+        for task in only or (*KERAS_TASKS, *NATIVE_TASKS, "variants", "sizes"):
             for name in order:
                 worker = workers[name]
                 tasks = _expand(task, name, worker, settings)
@@ -176,6 +211,8 @@ def _interleave(workers: dict[str, LineWorker], settings: BenchSettings,
 def _expand(task: str, name: str, worker: LineWorker, settings: BenchSettings) -> list[str]:
     if task in NATIVE_TASKS:
         return [task] if worker.ready["native"] else []
+    if task == "sizes":
+        return [f"forward_size:{size}" for size in settings.sweep() if size != settings.image_size]
     if task == "variants":
         jit = f"train.jit_compile={'false' if worker.ready['jit_compile'] else 'true'}"
         return [f"variant:{jit if v == 'train.jit_compile' else v}"
@@ -216,7 +253,7 @@ def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: d
                                    "gflops_per_image")}
     reasons: dict[str, str] = {}
     for task, entry in samples.items():
-        if not task.startswith("variant:"):
+        if not task.startswith(("variant:", "forward_size:", "contended:")):
             figures[f"{task}_img_s"] = summary(entry["samples_s"], entry["images_per_call"])
     figures["first_call_s"] = {t: e["first_call_s"] for t, e in samples.items() if "first_call_s" in e}
     median = {task: figures[f"{task}_img_s"]["median"] for task in (*KERAS_TASKS, *NATIVE_TASKS)
@@ -244,10 +281,25 @@ def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: d
                    "first_call_s": e.get("first_call_s")}
         for task, e in samples.items() if task.startswith("variant:")}
     figures["variants_skipped"] = variant_plan(name, settings)[1]
+    # forward at batch_size per image side (the main side is forward_batch itself)
+    figures["forward_by_size_img_s"] = {
+        str(size): figures["forward_batch_img_s"] if size == settings.image_size else
+        summary(samples[f"forward_size:{size}"]["samples_s"],
+                samples[f"forward_size:{size}"]["images_per_call"])
+        for size in settings.sweep()}
+    bf16 = figures["variants"].get(BF16_VARIANT)
+    figures["bf16_peak_share"] = (ready["gflops_per_image"] * bf16["median"] / peak["bf16_gflops"]
+                                  if bf16 and peak.get("bf16_gflops") else None)
+    if figures["bf16_peak_share"] is None:
+        reasons["bf16_peak_share"] = (peak["bf16_method"] if bf16 else
+                                      f"the {BF16_VARIANT} variant was not measured (--variants)")
     if e2e:
         standard, cache = e2e["standard"], e2e["cache"]
         figures["e2e"] = {**e2e, "speedup": standard["wall_s"] / cache["wall_s"],
                           "accuracy_delta_pp": 100 * (cache["val_accuracy"] - standard["val_accuracy"])}
+        if "cache-bf16" in e2e:
+            figures["e2e"]["bf16_accuracy_delta_pp"] = 100 * (
+                e2e["cache-bf16"]["val_accuracy"] - cache["val_accuracy"])
         figures["peak_host_rss_mb"] = standard["peak_host_rss_mb"]
         figures["peak_device_mem_mb"] = standard["peak_device_mem_mb"]
         if standard["peak_device_mem_mb"] is None:
@@ -256,6 +308,16 @@ def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: d
         for key in ("e2e", "peak_host_rss_mb", "peak_device_mem_mb"):
             figures[key] = None
             reasons[key] = "end-to-end runs skipped (--e2e-epochs 0)"
+    if settings.contention:
+        figures["contended"] = {}
+        for task in CONTENDED_TASKS:
+            entry = samples[f"contended:{task}"]
+            loaded = summary(entry["samples_s"], entry["images_per_call"])
+            figures["contended"][f"{task}_img_s"] = loaded
+            figures["contended"][f"{task}_slowdown"] = median[task] / loaded["median"]
+    else:
+        figures["contended"] = None
+        reasons["contended"] = "not measured (--contention off)"
     figures["null_reasons"] = reasons
     return figures
 
@@ -281,13 +343,43 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, f in figures.items():
         add(f"{name}: tf.data-fed / in-memory train step", f["tfdata_vs_memory"],
             TARGETS["tfdata_vs_memory"])
+    main_size = results["settings"]["image_size"]
+    for size in sorted({int(s) for f in figures.values() for s in f.get("forward_by_size_img_s", {})}
+                       | {main_size}):
+        rate = {name: (f["forward_by_size_img_s"][str(size)] if "forward_by_size_img_s" in f
+                       else f["forward_batch_img_s"])["median"] for name, f in figures.items()}
+        best = max(rate, key=rate.get)
+        goal = TARGETS["forward_vs_fastest" if size >= SMALL_IMAGE_BELOW else
+                       "forward_vs_fastest_small"]
+        for name in figures:
+            if name != best:
+                add(f"{name} forward / fastest ({best}) at {size} px", rate[name] / rate[best], goal)
     fastest = max(figures, key=lambda n: figures[n]["forward_batch_img_s"]["median"])
-    for name, f in figures.items():
-        if name != fastest:
-            add(f"{name} forward / fastest ({fastest})", f["forward_batch_img_s"]["median"]
-                / figures[fastest]["forward_batch_img_s"]["median"], TARGETS["forward_vs_fastest"])
+    contended = {name: f["contended"] for name, f in figures.items() if f.get("contended")}
+    if len(contended) > 1:
+        for task, label in (("forward_b1", "batch 1"), ("forward_batch", "batch N")):
+            slow = {name: c[f"{task}_slowdown"] for name, c in contended.items()}
+            for name in slow:
+                others = min(v for n, v in slow.items() if n != name)
+                add(f"{name}: forward {label} slowdown under contention ({slow[name]:.2f}×) / "
+                    f"the others' smallest ({others:.2f}×)", slow[name] / others,
+                    TARGETS["contention_slowdown_vs_others"], better="lower")
     add(f"fastest ({fastest}) forward share of FP32 peak", figures[fastest]["forward_peak_share"],
         TARGETS["fastest_peak_share"])
+    peak = results["peak"]
+    bf16 = figures[fastest]["variants"].get(BF16_VARIANT)
+    label = f"fastest ({fastest}) forward, mixed_bfloat16 / float32"
+    if peak.get("native_bf16"):
+        add(label, bf16 and bf16["vs_default"], TARGETS["bf16_vs_fp32"],
+            reason=f"the {BF16_VARIANT} variant was not measured (--variants)")
+    else:  # emulated bf16 is several times slower: reported among the variants, not a target
+        rows.append({"target": label, "value": bf16 and bf16["vs_default"],
+                     "goal": TARGETS["bf16_vs_fp32"], "better": "higher", "met": None,
+                     "reason": f"skipped: {peak['bf16_method']}"})
+    for name, f in figures.items():
+        if f["e2e"] and "bf16_accuracy_delta_pp" in f["e2e"]:
+            add(f"{name}: |mixed_bfloat16 - float32| feature-cache val accuracy (pp)",
+                abs(f["e2e"]["bf16_accuracy_delta_pp"]), TARGETS["bf16_accuracy_pp"], better="lower")
     for name, f in figures.items():
         if f["e2e"]:
             add(f"{name}: feature-cache end-to-end speed-up", f["e2e"]["speedup"],

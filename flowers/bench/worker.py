@@ -71,6 +71,8 @@ class Worker:
 
     def measure(self, task: str, steps: int) -> dict[str, Any]:
         """Time `steps` calls of `task` (after `warmup` untimed calls the first time it runs)."""
+        # a contended task is the same call as its quiet one (warmed up already)
+        task = task.removeprefix("contended:")
         call, images_per_call = self._task(task)
         result: dict[str, Any] = {"images_per_call": images_per_call}
         if task not in self.warmed:
@@ -98,6 +100,13 @@ class Worker:
             return lambda steps: self._fit_steps(steps, in_memory=True), batch
         if task == "train_tfdata":
             return lambda steps: self._fit_steps(steps, in_memory=False), batch
+        if task.startswith("forward_size:"):
+            size = int(task.split(":")[1])
+            if task not in self.models:  # built once, with the main model's head weights
+                self.models[task] = (_predictor(self._build("", image_size=size)),
+                                     self._resized(size))
+            sized, images = self.models[task]
+            return _repeat(lambda: sized.predict_on_batch(images)), batch
         if task.startswith("variant:"):
             if task not in self.models:  # built once: a new model object would be traced again
                 self.models[task] = _predictor(self._build(task[8:]))
@@ -131,14 +140,21 @@ class Worker:
                            callbacks=[recorder])
         return list(np.diff(ends))
 
-    def _build(self, overrides: str):
-        """The model with variant overrides ("section.key=value,..."), compiled."""
+    def _resized(self, size: int) -> np.ndarray:
+        """The batch of real images at another side (bilinear, like the data pipeline)."""
+        import tensorflow as tf
+
+        return tf.image.resize(self.images, (size, size)).numpy()
+
+    def _build(self, overrides: str, image_size: int | None = None):
+        """The model with variant overrides ("section.key=value,..."), compiled; the weights of the
+        main model (every weight's shape is independent of the image side)."""
         from flowers.model import build_model, compile_model
 
         experiment = self._experiment(overrides)
         self.keras.config.set_dtype_policy(experiment.train.dtype_policy)
         try:
-            model = build_model(experiment.model, self.image_size, self.num_classes)
+            model = build_model(experiment.model, image_size or self.image_size, self.num_classes)
             compile_model(model, 1e-3, self.num_classes, experiment.train.jit_compile)
         finally:
             self.keras.config.set_dtype_policy("float32")
@@ -243,7 +259,7 @@ def _layer_flops(layer, out: int, inputs: list) -> int:
 def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
     """Train the baseline job shape once (standard or feature-cache mode) and report its figures.
 
-    request: backend, e2e ("standard" | "cache"), epochs, images_per_class, image_size,
+    request: backend, e2e ("standard" | "cache" | "cache-bf16"), epochs, images_per_class, image_size,
     batch_size, images, backbone (see flowers.bench.run).
     """
     from flowers.train import train
@@ -260,7 +276,9 @@ def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
             "model": {"weights": "none", "backbone": request.get("backbone", "ResNet50")},
             "train": {"epochs": request["epochs"], "batch_size": request["batch_size"],
                       "learning_rate": 1e-4, "latency_repeats": 2,
-                      "cache_features": request["e2e"] == "cache"},
+                      "cache_features": request["e2e"].startswith("cache"),
+                      "dtype_policy": ("mixed_bfloat16" if request["e2e"].endswith("-bf16")
+                                       else "float32")},
         })
         start = time.perf_counter()  # one whole run: wall time of a span, not a repeated call
         run_dir = train(experiment, request["backend"], workdir / "runs")
