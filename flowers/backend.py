@@ -77,6 +77,10 @@ def select(name: str) -> str:
     if "tensorflow" not in sys.modules:
         with host.quiet_stderr():  # its C++ start-up lines come before TF_CPP_MIN_LOG_LEVEL applies
             import tensorflow  # noqa: F401  (every backend needs it for tf.data)
+    if name == "torch":  # eager: free each activation after its last use (flowers.graph_memory)
+        from flowers import graph_memory
+
+        graph_memory.install()
     return name
 
 
