@@ -283,6 +283,9 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
 @click.option("--contention", is_flag=True,
               help="Also time the forward pass beside a CPU-bound load on every core (bounded "
                    "busy processes, stopped afterwards): each backend's slowdown.")
+@click.option("--memory", is_flag=True,
+              help="Also measure the peak memory of forward and the train step (and of the native "
+                   "twins), each in a fresh process.")
 @click.option("--steps", type=int, default=10, show_default=True,
               help="Timed calls per figure (split over the rounds).")
 @click.option("--rounds", type=int, default=2, show_default=True,
@@ -305,7 +308,7 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
                    "package.module:function or hub:PRESET (native twins: ResNet50 only).")
 @out_option
 def bench(backends: str, image_size: int, batch_size: int, image_sizes: str, contention: bool,
-          steps: int,
+          memory: bool, steps: int,
           rounds: int, warmup: int, e2e_epochs: int, e2e_images_per_class: int,
           images: Path | None, variant_keys: str, backbone: str, out: Path | None) -> None:
     """Measure every backend against native PyTorch/TensorFlow and the hardware.
@@ -325,7 +328,8 @@ def bench(backends: str, image_size: int, batch_size: int, image_sizes: str, con
         images=str(images.resolve()) if images else "",
         variants={"all": benchmark.VARIANT_KEYS, "none": ()}.get(
             variant_keys, tuple(k.strip() for k in variant_keys.split(",") if k.strip())),
-        backbone=backbone.strip(), image_sizes=_sizes(image_sizes), contention=contention)
+        backbone=backbone.strip(), image_sizes=_sizes(image_sizes), contention=contention,
+        memory=memory)
     results, out_dir = benchmark.run_bench(settings, report.reports_root(out),
                                            progress=lambda line: click.echo(line, err=True))
     click.echo(benchmark.markdown(results))

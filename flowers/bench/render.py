@@ -88,6 +88,15 @@ def figures_table(results: dict[str, Any]) -> str:
                        if variant in f[n]["variants"] else
                        f"skipped: {_skipped(f[n])[variant]}" if variant in _skipped(f[n]) else "—")
                       for n in names]))
+    if any(f[n].get("memory") for n in names):
+        for task, label in (("forward_batch", f"forward, batch {s['batch_size']}"),
+                            ("train_step", "train step"), ("native_forward", "native forward"),
+                            ("native_train", "native train step")):
+            rows.append((f"peak RSS MiB, {label} (after build)",
+                         [_memory(f[n], task) for n in names]))
+        for task, label in (("forward_batch", "forward"), ("train_step", "train step")):
+            rows.append((f"keras / native peak RSS, {label}",
+                         [_or_missing(f[n], f"keras_vs_native_{task}_rss", _num) for n in names]))
     if any(f[n].get("contended") for n in names):
         for task, label in (("forward_b1", "batch 1"), ("forward_batch", f"batch {s['batch_size']}")):
             rows.append((f"forward img/s, {label}, under contention (slowdown)",
@@ -143,6 +152,15 @@ def _missing(figures: dict[str, Any], key: str) -> str:
     """An unmeasured figure: "n/a", with the reason bench.json records for it."""
     reason = figures.get("null_reasons", {}).get(key)
     return f"n/a: {reason}" if reason else "n/a"
+
+
+def _memory(figures: dict[str, Any], task: str) -> str:
+    entry = (figures.get("memory") or {}).get(task)
+    if not entry:
+        return "n/a"
+    device = (f"; device {entry['peak_device_mem_mb']:.0f}"
+              if entry.get("peak_device_mem_mb") is not None else "")
+    return f"{entry['peak_rss_mb']:.0f} ({entry['after_build_rss_mb']:.0f}{device})"
 
 
 def _rate(entry: dict | None) -> str:

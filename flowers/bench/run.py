@@ -15,6 +15,10 @@ Method (written into bench.json beside the figures):
 - Native: the same network and weights as plain PyTorch / a plain tf.function (flowers.bench.native);
   written for ResNet50 only, so with another --backbone the native figures are null with a reason.
 - GFLOP/s = counted forward FLOP per image x forward images per second; peak = flowers.hardware.
+- Memory (--memory): each of forward at --batch-size and the train step, and the native twins'
+  (ResNet50), in a fresh process that builds the model and data, then runs the task's warm-up
+  and two calls: peak RSS (getrusage) after building and after the task; on a GPU the
+  allocator's peak too. Keras / native is the ratio of the processes' peak RSS.
 - End to end: the baseline job shape (--e2e-epochs epochs, batch --batch-size, frozen --backbone +
   head) on a fixed number of real images, trained once in standard mode and once with
   train.cache_features, each in a fresh process (so memory peaks are the job's alone).
@@ -57,11 +61,14 @@ TARGETS = {
     "keras_vs_native_torch": 0.9, "keras_vs_native_tensorflow": 0.95, "tfdata_vs_memory": 0.95,
     "forward_vs_fastest": 0.8, "forward_vs_fastest_small": 0.6, "fastest_peak_share": 0.6,
     "cache_speedup": 5.0, "cache_accuracy_pp": 1.0, "contention_slowdown_vs_others": 2.0,
-    "bf16_vs_fp32": 3.0, "bf16_accuracy_pp": 1.0,
+    "bf16_vs_fp32": 3.0, "bf16_accuracy_pp": 1.0, "keras_vs_native_torch_memory": 1.3,
 }
 BF16_VARIANT = "train.dtype_policy=mixed_bfloat16"
 # timed again under --contention, with one busy process per logical core beside the workers
 CONTENDED_TASKS = ("forward_b1", "forward_batch")
+# peak memory per task, each in a fresh process (--memory); the native twins where there is one
+MEMORY_TASKS = ("forward_batch", "train_step")
+NATIVE_MEMORY = {"forward_batch": "native_forward", "train_step": "native_train"}
 # Below this side the forward-vs-fastest goal is forward_vs_fastest_small: per-call overheads
 # (Python, kernel launches, layout copies) weigh more where each convolution has little work.
 SMALL_IMAGE_BELOW = 224
@@ -86,6 +93,7 @@ class BenchSettings:
     backbone: str = backbones.DEFAULT  # model.backbone of every measured model (flowers.backbones)
     image_sizes: tuple[int, ...] = ()  # forward at batch_size for each of these sides too
     contention: bool = False  # time CONTENDED_TASKS again beside a CPU-bound load on every core
+    memory: bool = False  # peak memory of MEMORY_TASKS (and the native twins), a process each
 
     def validate(self) -> None:
         if not self.backends:
@@ -143,6 +151,14 @@ def run_bench(settings: BenchSettings, out_root: Path,
     finally:
         for worker in workers.values():
             worker.close()
+    memory = {}
+    if settings.memory:
+        for name in settings.backends:
+            tasks = [*MEMORY_TASKS, *(NATIVE_MEMORY[t] for t in MEMORY_TASKS
+                                      if ready[name]["native"])]
+            for task in tasks:
+                progress(f"{name}: peak memory of {task} (a fresh process)")
+                memory.setdefault(name, {})[task] = _memory(name, task, settings, logs)
     e2e = {}
     if settings.e2e_epochs:
         # bf16 accuracy: the feature-cache run again in mixed_bfloat16 where bf16 is native
@@ -172,7 +188,7 @@ def run_bench(settings: BenchSettings, out_root: Path,
                       "figures are timed again, round by round, while the load runs; slowdown = "
                       "quiet median / contended median."},
         "backends": {name: _backend_figures(name, settings, ready[name], samples[name], e2e.get(name),
-                                            peak)
+                                            peak, memory.get(name))
                      for name in settings.backends},
     }
     results["targets"] = evaluate_targets(results)
@@ -247,7 +263,7 @@ def summary(samples_s: Sequence[float], images_per_call: int) -> dict[str, float
 
 
 def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: dict[str, dict],
-                     e2e: dict | None, peak: dict) -> dict[str, Any]:
+                     e2e: dict | None, peak: dict, memory: dict | None = None) -> dict[str, Any]:
     figures: dict[str, Any] = {
         key: ready[key] for key in ("versions", "device", "data_format", "jit_compile",
                                    "gflops_per_image")}
@@ -318,6 +334,16 @@ def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: d
     else:
         figures["contended"] = None
         reasons["contended"] = "not measured (--contention off)"
+    figures["memory"] = memory
+    if memory is None:
+        reasons["memory"] = "not measured (--memory off)"
+    else:
+        for task, native_task in NATIVE_MEMORY.items():
+            key = f"keras_vs_native_{task}_rss"
+            figures[key] = (memory[task]["peak_rss_mb"] / memory[native_task]["peak_rss_mb"]
+                            if native_task in memory else None)
+            if figures[key] is None:
+                reasons[key] = native.unavailable(name, settings.backbone) or "no native twin"
     figures["null_reasons"] = reasons
     return figures
 
@@ -364,6 +390,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 add(f"{name}: forward {label} slowdown under contention ({slow[name]:.2f}×) / "
                     f"the others' smallest ({others:.2f}×)", slow[name] / others,
                     TARGETS["contention_slowdown_vs_others"], better="lower")
+    if "torch" in figures and figures["torch"].get("memory"):
+        f = figures["torch"]
+        for task, label in (("forward_batch", "forward"), ("train_step", "train step")):
+            key = f"keras_vs_native_{task}_rss"
+            add(f"keras-on-torch {label} peak RSS / native torch", f[key],
+                TARGETS["keras_vs_native_torch_memory"], better="lower",
+                reason=f["null_reasons"].get(key))
     add(f"fastest ({fastest}) forward share of FP32 peak", figures[fastest]["forward_peak_share"],
         TARGETS["fastest_peak_share"])
     peak = results["peak"]
@@ -398,6 +431,16 @@ def _timing_request(settings: BenchSettings) -> dict[str, Any]:
     """What a timing worker needs to build its models and data (see flowers.bench.worker)."""
     return {"image_size": settings.image_size, "batch_size": settings.batch_size,
             "warmup": settings.warmup, "images": settings.images, "backbone": settings.backbone}
+
+
+def _memory(name: str, task: str, settings: BenchSettings, logs: Path) -> dict[str, Any]:
+    """One task's peak memory, measured in a fresh worker process."""
+    log = logs / f"{name}-memory-{task}.log"
+    request = {"memory": task, **_timing_request(settings)}
+    try:
+        return run_worker(WORKER_MODULE, name, request, logs, f"bench memory run ({task})", log=log)
+    except FlowersError as exc:
+        raise FlowersError(f"{exc} (log: {log})") from None
 
 
 def _end_to_end(name: str, mode: str, settings: BenchSettings, logs: Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Timing mode (`--lines`, a workers.LineWorker): builds the model (and the native 
 answers one JSON request per line with the seconds of each timed call, so the orchestrator can
 interleave backends round by round. End-to-end mode (a one-shot workers.run_worker request with
 "e2e": "standard" | "cache"): trains the baseline job shape once in this fresh process and returns
-its figures (fresh, so its memory peaks are the job's alone).
+its figures (fresh, so its memory peaks are the job's alone). Memory mode ("memory": TASK, one-shot
+too): builds the model, runs one task, reports that process's peak memory.
 """
 
 from __future__ import annotations
@@ -175,7 +176,9 @@ class Worker:
             return None
         return {"torch": native.torch_native, "tensorflow": native.tensorflow_native}[self.backend]
 
-    def _native(self):
+    def _native(self, compare: bool = True):
+        """The native twin, built once; compare: also check it against the Keras model (which
+        runs the Keras model: a memory measurement of the twin alone does not)."""
         from flowers.bench import native
 
         if "native" not in self.natives:
@@ -183,8 +186,9 @@ class Worker:
             if factory is None:
                 raise ValueError(f"no native baseline for {self.backend}")
             self.natives["native"] = factory(self.model, 1e-3)
-            self.native_differences = native.differences(self.model, self.natives["native"],
-                                                         self.images)
+            if compare:
+                self.native_differences = native.differences(self.model, self.natives["native"],
+                                                             self.images)
         return self.natives["native"]
 
 
@@ -293,6 +297,35 @@ def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
             **{k: metrics[k] for k in keys}}
 
 
+def memory(request: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one task in this fresh process: the model (and data) built, then the task.
+
+    request: a timing request (see Worker) plus "memory": the task ("forward_batch", "train_step",
+    "native_forward" or "native_train"). Host: the process's peak RSS (getrusage) after building
+    and after the task's warm-up and two timed calls; device: the allocator's peak on a GPU.
+    """
+    import resource
+
+    def peak_rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    name, task = request["backend"], request["memory"]
+    worker = Worker(request)
+    if task.startswith("native"):
+        worker._native(compare=False)  # the Keras model is built (its weights), never run
+    built = peak_rss_mb()
+    backend.reset_peak_device_memory(name)
+    worker.measure(task, 2)
+    device_mb, device_reason = backend.peak_device_memory_mb(name)
+    return {"task": task, "after_build_rss_mb": built, "peak_rss_mb": peak_rss_mb(),
+            "peak_device_mem_mb": device_mb, "device_null_reason": device_reason}
+
+
+def one_shot(request: dict[str, Any]) -> dict[str, Any]:
+    """A one-shot request: an end-to-end run ("e2e") or a memory measurement ("memory")."""
+    return memory(request) if "memory" in request else end_to_end(request)
+
+
 def _subset(root: Path, target: Path, per_class: int) -> Path:
     """A train/test folder of links to the first images of each class (a fixed image count)."""
     listing = data.scan_folder(root, 0.2, seed=0)
@@ -321,4 +354,4 @@ def _repeat(fn: Callable[[], Any]) -> Callable[[int], list[float]]:
 
 
 if __name__ == "__main__":
-    workers.worker_main(run=end_to_end, start=Worker)
+    workers.worker_main(run=one_shot, start=Worker)
