@@ -81,13 +81,12 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         from flowers.data import load_image_files
 
         train_files = [f for step in request["train_steps"] for f in step]
-        np.savez(work_dir / INPUTS_FILE,
-                 forward=load_image_files(request["forward_files"], size),
-                 train=load_image_files(train_files, size),
+        forward = load_image_files(request["forward_files"], size)
+        train = load_image_files(train_files, size)
+        np.savez(work_dir / INPUTS_FILE, forward=forward, train=train,
                  train_labels=np.tile(np.arange(num_classes, dtype=np.int32),
                                       len(request["train_steps"])))
-        with np.load(work_dir / INPUTS_FILE) as saved:
-            forward, train = (saved[k].astype(np.float32) for k in ("forward", "train"))
+        forward, train = forward.astype(np.float32), train.astype(np.float32)
         calibrated = 0
         # Predictions that vary less across the photos than the target cannot show a difference.
         if prediction_spread(model, forward) < TARGET_MAX_ABS_PROB_DIFF:
