@@ -629,7 +629,10 @@ def _class_dirs(root: Path, required: bool = True) -> list[str]:
 
 
 def _list_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files of a class folder; a broken or looping symlink is listed too, so that it is
+    skipped with its reason (is_file() alone would drop it without a word)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and
+                  (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def _image_problem(path: Path) -> str | None:

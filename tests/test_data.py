@@ -137,3 +137,31 @@ def test_webp_photos_are_read_not_skipped(tmp_path, flowers12):
         jpg.unlink()
     listing = scan_folder(root, 0.2, seed=0)
     assert listing.skipped_files == [] and len(listing.train_files) + len(listing.val_files) == 10
+
+
+def _png_header_only(width, height):
+    """A few hundred bytes of PNG whose header declares width x height RGB pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_hostile_files_in_a_class_folder_are_skipped_not_crashed_on(tmp_path, flowers12, caplog):
+    from PIL import Image
+
+    root = _photo_folder(tmp_path, flowers12)
+    first_class = sorted(root.iterdir())[0]
+    (first_class / "bomb.png").write_bytes(_png_header_only(30000, 30000))  # 900 Mpixel claim
+    (first_class / "fake.jpg").write_text("GIF89a? no: plain text named like a JPEG")
+    (first_class / "empty.jpg").write_bytes(b"")
+    (first_class / "loop.jpg").symlink_to(first_class / "loop.jpg")  # a symlink to itself
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(first_class / "tiny.png")  # 1 x 1: a real photo
+    listing = scan_folder(root, 0.2, seed=0)
+    skipped = sorted(p.rsplit("/", 1)[1] for p in listing.skipped_files)
+    assert skipped == ["bomb.png", "empty.jpg", "fake.jpg", "loop.jpg"]
+    assert len(listing.train_files) + len(listing.val_files) == 16  # 15 photos + the 1 x 1 one
+    assert "bomb.png" in caplog.text
