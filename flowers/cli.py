@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from flowers import __version__, backend, config, files, host, runs, weights
+from flowers import __version__, backend, config, files, host, interrupt, runs, weights
 from flowers import distribute as distribute_lib
 from flowers.errors import FlowersError, PeerLost
 
@@ -104,7 +104,14 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
         click.echo(f"warning: {gpu_warning}", err=True)
     from flowers.train import train as run_training
 
-    run_dir = run_training(exp, name, root, resume_dir=resume_dir, progress=click.echo)
+    try:
+        run_dir = run_training(exp, name, root, resume_dir=resume_dir, progress=click.echo)
+    except interrupt.Interrupted as stop:
+        if stop.hint:
+            again = f"flowers train -e {experiment} --backend {name} --resume" + \
+                (f" --runs-dir {runs_dir}" if runs_dir else "")
+            stop.hint += f"; continue it with: {again}"
+        raise
     cluster = distribute_lib.detect_cluster()
     if not cluster.is_chief:
         click.echo(f"process {cluster.process_id} of {cluster.num_processes}: training done; "
@@ -471,8 +478,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("flowers").addHandler(handler)
     # tensorflow-datasets and TF warn through absl about internals a user cannot act on.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    interrupt.install()
     try:
         cli.main(args=argv, prog_name="flowers", standalone_mode=False)
+    except interrupt.Interrupted as stop:
+        click.echo(f"error: interrupted by {stop}" + (f"; {stop.hint}" if stop.hint else ""),
+                   err=True)
+        sys.exit(stop.exit_code)
     except PeerLost as exc:
         click.echo(f"error: {exc}", err=True)
         sys.stdout.flush()

@@ -82,13 +82,18 @@ class InferenceMode(keras.layers.Wrapper):
         return self.layer.compute_output_shape(input_shape)
 
 
-def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
+def build_model(config: ModelConfig, image_size: int, num_classes: int,
+                seed: int = 0) -> keras.Model:
     """Build the classifier: preprocessing -> backbone -> GAP -> Dense relu -> Dropout -> logits.
 
     Args:
         config: the [model] section (backbone, weights, freeze_backbone, head_units, dropout).
         image_size: side of the square RGB input.
         num_classes: number of classes (logits per image).
+        seed: the head Dropout's seed (train.seed when training). A seeded Dropout draws its masks
+            from its own SeedGenerator on every backend, whose state the epoch checkpoint saves, so
+            a resumed run draws the masks an uninterrupted one would (unseeded, Keras-on-torch
+            takes torch's global generator, which a new process restarts).
 
     Returns:
         An uncompiled keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
@@ -127,7 +132,7 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int) -> keras
     else:  # a custom backbone that pools its own features
         x = keras.layers.Identity(name="avg_pool")(x)
     x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+    x = keras.layers.Dropout(config.dropout, seed=seed, name="head_dropout")(x)
     # float32 logits even under a mixed-precision policy, so the loss is computed in float32
     # (keras mixed-precision guide)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)

@@ -7,6 +7,7 @@ in it, so a directory without the dot is always complete. An interrupted run kee
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from collections.abc import Iterable
@@ -44,6 +45,24 @@ def start_run(root: Path, experiment: Experiment, backend: str) -> Path:
     files.write_json(path / "config.json", {"run_id": run_id, "backend": backend,
                                       "experiment": experiment.to_dict()})
     return path
+
+
+def lock(run_dir: Path) -> int:
+    """Hold an exclusive lock on run_dir for the rest of this process (released at exit, kill -9
+    included); returns the descriptor. One writer per run directory: a second `flowers train
+    --resume` of a run that is training now is refused in one line.
+
+    The lock is on the directory itself (flock), so it follows the directory through its final
+    rename and leaves no file behind.
+    """
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FlowersError(f"{run_dir} is being trained by another flowers process right now; "
+                           "wait for it to finish, or stop it and then --resume") from None
+    return fd
 
 
 def find_incomplete(root: Path, experiment_name: str, backend: str) -> Path:

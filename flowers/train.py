@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backbones, backend, data, distribute, files, host, runs, weights
+from flowers import backbones, backend, data, distribute, faults, files, host, interrupt, runs, weights
 from flowers.checkpoint import WEIGHTS_FILE, EpochCheckpoint, latest_state, restored_epoch, states
 from flowers.config import Experiment
 from flowers.errors import FlowersError
@@ -93,6 +93,22 @@ class EpochTimer(keras.callbacks.Callback):
         return sum(self.wall_s[e] for e in self.epochs_run(epochs))
 
 
+class StepBoundary(keras.callbacks.Callback):
+    """Where SIGINT/SIGTERM stop training (flowers.interrupt): after a step, or after an epoch's
+    checkpoint is published (this callback runs after EpochCheckpoint). Also the fault points
+    train-step:<epoch>:<step> (flowers.faults)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        faults.point(f"train-step:{self._epoch}:{batch}")
+        interrupt.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        interrupt.check()
+
+
 class EpochProgress(keras.callbacks.Callback):
     """One progress line per epoch through a callback (library code does not print)."""
 
@@ -149,6 +165,8 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         runs.check_resumable(resume_dir, cfg)
     say = progress or _silent
     engine = distribute.setup(cfg.train.distribution, backend_name, cfg.train.batch_size)
+    if resume_dir is not None and engine.is_chief:  # one writer per run directory
+        runs.lock(resume_dir)
     if not engine.is_chief:  # the chief reports; every process would print the same lines
         progress = None
         say = _silent
@@ -177,7 +195,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     say(f"model: building {cfg.model.backbone} ({cfg.model.weights} weights) + head, "
         f"{num_classes} classes")
     with engine.scope():
-        model = build_model(cfg.model, cfg.data.image_size, num_classes)
+        model = build_model(cfg.model, cfg.data.image_size, num_classes, cfg.train.seed)
         compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     if cfg.finetune.epochs:  # a bad finetune.unfreeze is refused before the run directory exists
         check_unfreeze(model, cfg.finetune.unfreeze)
@@ -185,6 +203,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     run_dir = resume_dir
     if run_dir is None and engine.is_chief:
         run_dir = runs.start_run(runs_root, cfg, backend_name)
+        runs.lock(run_dir)
     with engine.guard():
         run_dir = Path(engine.agree(str(run_dir or "")))  # the chief's run directory, everywhere
     if engine.is_chief:
@@ -192,7 +211,14 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     with HostMemorySampler() as host_memory:
         backend.reset_peak_device_memory(backend_name)
         with engine.guard():
-            fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
+            try:
+                fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
+            except interrupt.Interrupted as stop:
+                done = restored_epoch(phase_dir("finetune", engine.backup_dir(run_dir))) or \
+                    restored_epoch(engine.backup_dir(run_dir))
+                stop.hint = (f"{run_dir} keeps its checkpoint after epoch {done} of "
+                             f"{cfg.total_epochs}")
+                raise
             engine.check_in_sync(model)
             engine.barrier("flowers-trained")
         if not engine.is_chief:  # the chief evaluates and writes the run directory
@@ -211,6 +237,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
                splits.class_names)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     (run_dir / "progress.json").unlink(missing_ok=True)
+    faults.point("run-saved")
     return runs.finalize(run_dir)
 
 
@@ -382,6 +409,7 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
             # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
             EpochCheckpoint(checkpoints, restore, companion=stopper),
             *callbacks,
+            StepBoundary(),
         ]
         begin = max(first_epoch, phase.start)
         if phase.name == "head" and cfg.train.cache_features:
@@ -403,12 +431,13 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
             val_data = None
         say(f"train: {phase.end - begin} {phase.name} epoch(s) of {splits.steps_per_epoch} steps "
             f"under {backend_name}")
-        fit_model.fit(engine.shard(train_data),
-                      validation_data=None if val_data is None else engine.shard(val_data),
-                      initial_epoch=phase.start, epochs=phase.end,
-                      steps_per_epoch=splits.steps_per_epoch,
-                      callbacks=fit_callbacks, shuffle=False,
-                      verbose=2 if progress is None and engine.is_chief else 0)
+        with interrupt.deferred():
+            fit_model.fit(engine.shard(train_data),
+                          validation_data=None if val_data is None else engine.shard(val_data),
+                          initial_epoch=phase.start, epochs=phase.end,
+                          steps_per_epoch=splits.steps_per_epoch,
+                          callbacks=fit_callbacks, shuffle=False,
+                          verbose=2 if progress is None and engine.is_chief else 0)
         ran_head_phase = ran_head_phase or phase.name == "head"
         ran_a_phase = True
     if not ran_a_phase:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import h5py
 import pytest
 
 from conftest import python
@@ -76,6 +77,7 @@ def test_a_resume_restores_the_newest_complete_epoch_only(tmp_path):
         (backup / name).mkdir(parents=True)
         if metadata:
             (backup / name / "training_metadata.json").write_text(json.dumps(metadata))
+            h5py.File(backup / name / "latest.weights.h5", "w").close()
     result = python(f"""
         from pathlib import Path
         from flowers import backend

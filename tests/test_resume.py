@@ -4,7 +4,11 @@ The library check (runs.resume_settings) is tested in-process; one bare `flowers
 trains a tiny run to show the CLI uses it.
 """
 
+import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -92,3 +96,27 @@ def test_a_run_killed_after_its_last_checkpoint_keeps_what_it_trained(tmp_path, 
     assert metrics["resumed"] is True
     assert (metrics["val_loss"], metrics["val_accuracy"]) == \
         (uninterrupted["val_loss"], uninterrupted["val_accuracy"])
+
+
+def test_a_second_resume_of_a_run_being_trained_is_refused(tmp_path):
+    started = _interrupted(tmp_path, ["train.epochs=1"])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from flowers import runs
+        runs.lock(Path({str(started)!r}))
+        print("locked", flush=True)
+        time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        error = one_line_error(flowers("train", "-e", "smoke", "--backend", "tensorflow", "--resume",
+                                       "--runs-dir", str(tmp_path), timeout=300))
+        assert f"{started} is being trained by another flowers process right now" in error
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    # the killed holder's lock went with it (the first lock succeeds); a second holder is refused
+    with pytest.raises(FlowersError, match="being trained"):
+        runs.lock(started)
+        runs.lock(started)
