@@ -5,6 +5,11 @@ flowers calls the function with the input shape (height, width, 3) and model.wei
 after the returned model. The model takes RGB images in 0..255, channels_last, so it does its own
 preprocessing (here a Rescaling layer); it returns a feature map [N, H, W, C] (or pooled features
 [N, C]). Built from Keras layers only, it saves, exports and runs under every backend.
+
+BatchNormalization uses momentum 0.9, not Keras' default 0.99: a backbone trained from scratch on a
+small dataset takes few steps (flowers12: 23 per epoch), and at 0.99 the moving statistics that
+inference uses lag the weights so far that validation accuracy fell to chance (0.12 on flowers12
+after 8 epochs under jax, with training accuracy 0.68). At 0.9 it is 0.69-0.70 on every backend.
 """
 
 import keras
@@ -16,7 +21,7 @@ def small_cnn(input_shape, weights):
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     for filters in (32, 64, 128):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
         x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     model = keras.Model(inputs, x, name="small_cnn")

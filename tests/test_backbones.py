@@ -44,8 +44,9 @@ def test_a_custom_backbone_learns_real_photos(request, runs_root, flowers12, bac
     assert metrics["backend"] == backend
     assert metrics["backbone"] == "experiments.custom_backbone:small_cnn"
     assert (metrics["num_train"], metrics["num_val"]) == (720, 240)
-    # chance is 1/12 = 0.083; 0.13 is ~2.9 standard errors above it on 240 images
-    assert metrics["val_accuracy"] >= 0.13, metrics["val_accuracy"]
+    # chance is 1/12 = 0.083; measured 0.69-0.70 on every backend. At BatchNormalization's default
+    # momentum (0.99) the moving statistics lagged the weights and it fell to 0.12: this catches that
+    assert metrics["val_accuracy"] >= 0.4, metrics["val_accuracy"]
 
 
 @pytest.mark.slow
