@@ -133,12 +133,6 @@ def test_interrupted_run_resumes_to_a_complete_run(tmp_path):
     # Both processes' first epochs carried tracing: only epochs 2-4 measure the steady speed.
     assert metrics["warmup_epochs"] == [0, 1]
     assert metrics["train_images_per_s"] == pytest.approx(128 * 3 / sum(metrics["epoch_times_s"][2:]))
-    # The same run left alone, trained right after (several steady epochs each, so one slow
-    # epoch on a busy machine does not decide the comparison).
-    reference = run_dir_of(flowers("train", "-e", "smoke", "--set", "train.epochs=5", "--backend",
-                                   "tensorflow", "--runs-dir", str(tmp_path / "uninterrupted")))
-    uninterrupted = read_json(reference / "metrics.json")["train_images_per_s"]
-    assert metrics["train_images_per_s"] == pytest.approx(uninterrupted, rel=0.2)
     with (run / "history.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3", "4"]
     assert not (run / "backup").exists() and not list(parent.glob(".incomplete-*"))
