@@ -1,7 +1,10 @@
 """Shared fixtures: the CLI in subprocesses (one backend per process) and runs reused across tests.
 
 Training runs are session-scoped so the smoke and flowers12 runs are made once and reused by the
-train, evaluate, export and compare tests; the suite stays minutes long on a 2-core CPU.
+train, evaluate, export and compare tests; the suite stays minutes long on a 2-core CPU. Under
+pytest-xdist (`nox -s tests` runs two workers, each test file on one worker) a session fixture used by
+several files is made once for all workers: the first worker makes it under a file lock, the others
+read what it made (`_once`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FLOWERS12 = PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
@@ -60,30 +64,61 @@ def flowers12() -> Path:
     return FLOWERS12
 
 
+def _once(tmp_path_factory, name: str, make):
+    """The JSON value `make(folder)` returns, made once per test session across xdist workers.
+
+    Every worker of one session shares the parent of its own basetemp; the first to take the lock
+    makes the value in a folder there, the others wait for it and read it back.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / f"{name}.json"
+    with FileLock(f"{cache}.lock"):
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        value = make(folder)
+        cache.write_text(json.dumps(value))
+        return value
+
+
+def _train_each_backend(experiment: str, runs: Path) -> dict[str, str]:
+    return {b: str(run_dir_of(flowers("train", "-e", experiment, "--backend", b, "--runs-dir",
+                                      str(runs)))) for b in BACKENDS}
+
+
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="session")
-def smoke_runs(runs_root) -> dict[str, Path]:
+def smoke_runs(tmp_path_factory) -> dict[str, Path]:
     """One smoke run per backend (synthetic images, 32 px, 2 epochs)."""
-    return {b: run_dir_of(flowers("train", "-e", "smoke", "--backend", b, "--runs-dir",
-                                  str(runs_root))) for b in BACKENDS}
+    made = _once(tmp_path_factory, "smoke-runs", lambda runs: _train_each_backend("smoke", runs))
+    return {b: Path(run) for b, run in made.items()}
 
 
 @pytest.fixture(scope="session")
-def flowers12_runs(runs_root, flowers12) -> dict[str, Path]:
+def flowers12_runs(tmp_path_factory, flowers12) -> dict[str, Path]:
     """One run per backend of experiments/flowers12.toml (real photos, random weights, 32 px)."""
-    return {b: run_dir_of(flowers("train", "-e", "flowers12", "--backend", b, "--runs-dir",
-                                  str(runs_root))) for b in BACKENDS}
+    made = _once(tmp_path_factory, "flowers12-runs", lambda runs: _train_each_backend("flowers12", runs))
+    return {b: Path(run) for b, run in made.items()}
 
 
 @pytest.fixture(scope="session")
 def parity_run(tmp_path_factory, flowers12) -> tuple[subprocess.CompletedProcess, Path]:
     """`flowers parity` under every backend on real flowers12 photos at 64 px: (result, out dir)."""
-    out = tmp_path_factory.mktemp("parity")
-    return flowers("parity", "--image-size", "64", "--out", str(out)), out
+    def make(out: Path) -> dict:
+        result = flowers("parity", "--image-size", "64", "--out", str(out))
+        return {"args": result.args, "returncode": result.returncode, "stdout": result.stdout,
+                "stderr": result.stderr, "out": str(out)}
+
+    made = _once(tmp_path_factory, "parity-run", make)
+    result = subprocess.CompletedProcess(made["args"], made["returncode"], made["stdout"], made["stderr"])
+    return result, Path(made["out"])
 
 
 def read_json(path: Path):
