@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(1)
     except FlowersError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {files.no_space(exc) or exc}", err=True)
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -502,6 +502,12 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: interrupted; an unfinished training run continues with --resume",
                    err=True)
         sys.exit(130)
+    except Exception as exc:  # a full disk reaches here from whichever library was writing
+        line = files.no_space(exc)
+        if line is None:
+            raise
+        click.echo(f"error: {line}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

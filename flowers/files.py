@@ -10,13 +10,18 @@ parity.json, bench results, progress.json and the per-epoch bookkeeping) goes th
   (`.incomplete-<id>` for runs and export versions) and renamed into place only when complete.
 - make_public_dir: the staging directory gets the umask's normal permissions (tempfile.mkdtemp would
   make it 0o700, unreadable by a model server or a colleague once published).
+- no_space: the one-line reason when a write failed because the disk, a quota or the file-size limit
+  (ulimit -f) is full, found in the exception or its causes, whichever library raised it (h5py,
+  TensorFlow, onnx, numpy, Python itself).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -28,6 +33,55 @@ from flowers.errors import FlowersError
 
 # Prefix of a directory that is still being written (a run, an export version).
 INCOMPLETE_PREFIX = ".incomplete-"
+
+
+# errno values of a write that found no room: a full disk, a full quota, the file-size limit
+_NO_SPACE = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+             errno.EFBIG: "File too large"}
+_NO_SPACE_TEXT = re.compile("|".join(map(re.escape, _NO_SPACE.values())), re.IGNORECASE)
+_PATH_IN_TEXT = re.compile(r"(?:filename = |file |path )?'(/[^']+)'|\"(/[^\"]+)\"")
+
+
+def no_space(exc: BaseException) -> str | None:
+    """A one-line message when exc (or an exception it came from) is a write that found no room.
+
+    The libraries that write report it differently: Python's OSError carries the errno and the
+    file; h5py and TensorFlow put "errno = 28" or "No space left on device" and the file name into
+    their message. Returns None for any other exception.
+    """
+    seen: set[int] = set()
+    named = None  # the first file an exception of the chain names (a wrapper may name it)
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        # shutil's copies name the source as filename and the file written as filename2
+        path = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
+        if not path and (match := _PATH_IN_TEXT.search(text)):
+            path = match.group(1) or match.group(2)
+        named = named or path
+        code = getattr(exc, "errno", None)
+        found = _NO_SPACE_TEXT.search(text)
+        if code in _NO_SPACE or found:
+            reason = _NO_SPACE[code] if code in _NO_SPACE else found.group(0)
+            if reason == _NO_SPACE[errno.EFBIG]:
+                reason += ": over the file-size limit, ulimit -f"
+            where = f" writing {path or named}" if path or named else ""
+            return (f"no space left{where} ({reason}); nothing was published: free some space and "
+                    "run the command again (an unfinished training run continues with --resume)")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Name path in an OSError raised inside the block without a file name (a library that writes
+    through a file object it opened, as matplotlib's savefig does), so the one line says which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
 
 
 def read_json(path: str | Path) -> Any:

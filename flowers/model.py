@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -271,12 +272,26 @@ def load_model(path: Path) -> tuple[keras.Model, list[str]]:
             except ImportError:
                 raise FlowersError(f"{path}: the model has KerasHub layers and keras_hub is not "
                                    "installed (README, KerasHub backbones)") from None
-        model = keras.saving.load_model(path, compile=False)
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise FlowersError(f"{path}: not a readable .keras model ({exc})") from None
+        model = keras.saving.load_model(path, compile=False)  # safe mode: no Python lambdas
+    except (zipfile.BadZipFile, ValueError, TypeError, OSError, KeyError) as exc:
+        raise FlowersError(f"{path}: not a readable .keras model ({_load_failure(exc)})") from None
     if class_names is None:
         class_names = [f"class_{i}" for i in range(model.output_shape[-1])]
     return model, class_names
+
+
+def _load_failure(exc: Exception) -> str:
+    """The reason a .keras file did not load, in one line (Keras nests the cause in a long message)."""
+    text = str(exc).strip() or type(exc).__name__
+    unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+    if unknown:
+        module = re.search(r"Full object config: \{'module': '([^']+)'", text)
+        origin = f" from {module.group(1)}" if module else ""
+        return (f"it uses the class {unknown.group(1)!r}{origin}, which is not registered here: a "
+                "model loads by name only Keras, KerasHub and flowers layers, or custom ones "
+                "registered with @keras.saving.register_keras_serializable and imported first")
+    text = text.split("Exception encountered: ")[-1]
+    return text.splitlines()[0].strip()
 
 
 def compile_model(model: keras.Model, learning_rate: float, num_classes: int,

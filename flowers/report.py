@@ -620,7 +620,8 @@ def _write_charts(comparison: dict[str, Any], run_list: Sequence[Run], folder: P
         ax.set_title(f"{label} ({better})\n{subtitle}", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
         name = f"chart_{row['key'].replace('.', '_')}.png"
-        fig.savefig(folder / name)
+        with files.writing(folder / name):
+            fig.savefig(folder / name)
         names.append(name)
 
     fig = Figure(figsize=(9.6, 3.8), dpi=100, layout="constrained")
@@ -637,7 +638,8 @@ def _write_charts(comparison: dict[str, Any], run_list: Sequence[Run], folder: P
         ax.spines[["top", "right"]].set_visible(False)
         ax.legend(fontsize=9)
     fig.suptitle(f"learning curves — {subtitle}", fontsize=10)
-    fig.savefig(folder / "learning_curves.png")
+    with files.writing(folder / "learning_curves.png"):
+        fig.savefig(folder / "learning_curves.png")
     return [*names, "learning_curves.png"]
 
 

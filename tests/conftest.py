@@ -123,3 +123,56 @@ def parity_run(tmp_path_factory, flowers12) -> tuple[subprocess.CompletedProcess
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+# ---- reports/faults.json: every fault a test tries, with its outcome ----------------------------
+# A test records a row (fault_row(...)) and fills in what happened; the row travels with the test's
+# report (user_properties, which xdist sends to the controller), and the session's end writes every
+# row with the test's own result into reports/faults.json and faults.md ($FLOWERS_REPORTS_DIR).
+_fault_rows: list[dict] = []
+
+
+@pytest.fixture
+def fault_row(request):
+    """fault_row(kind=..., backend=..., fault=...) -> the row; set row["outcome"] and row["identical"]."""
+    def record(**fields) -> dict:
+        row = {"kind": fields.pop("kind"), "backend": fields.pop("backend", None),
+               "fault": fields.pop("fault"), "outcome": None, "identical": None,
+               "traceback": None, **fields}
+        request.node.user_properties.append(("fault_row", row))
+        return row
+    return record
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("PYTEST_XDIST_WORKER") or report.when != "call":
+        return
+    for key, row in report.user_properties:
+        if key == "fault_row":
+            _fault_rows.append({**row, "test": report.nodeid, "passed": report.passed})
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _fault_rows:
+        return
+    from flowers import files, host
+
+    rows = sorted(_fault_rows, key=lambda r: (r["kind"], r["test"]))
+    summary = {"rows": len(rows), "passed": sum(r["passed"] for r in rows),
+               "tracebacks": sum(bool(r["traceback"]) for r in rows),
+               "identical": sum(r["identical"] is True for r in rows),
+               "not_identical": sum(r["identical"] is False for r in rows)}
+    report = {"host": host.host_info(), "summary": summary, "rows": rows}
+    table = ["| kind | backend | fault | outcome | resumed == uninterrupted | test |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        identical = {True: "yes", False: "**no**", None: "n/a"}[r["identical"]]
+        outcome = r["outcome"] if r["passed"] else f"**test failed** ({r['outcome']})"
+        test = r["test"].split("::", 1)[1] if "::" in r["test"] else r["test"]
+        table.append(f"| {r['kind']} | {r['backend'] or '-'} | `{r['fault']}` | {outcome} | {identical} "
+                     f"| `{test}` |")
+    markdown = ("# Fault report\n\nWritten by the test suite (tests/conftest.py). "
+                f"{summary['passed']} of {summary['rows']} faults survived, "
+                f"{summary['tracebacks']} tracebacks.\n\n" + "\n".join(table) + "\n")
+    root = Path(os.environ.get("FLOWERS_REPORTS_DIR") or PROJECT_ROOT / "reports")
+    files.write_files(root, {"faults.json": json.dumps(report, indent=2) + "\n", "faults.md": markdown})

@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import shutil
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -246,3 +247,95 @@ def test_predict_rejects(exported, photo, tmp_path, case, message):
         extra = ["--backend", "jax"]
     error = one_line_error(flowers("predict", str(model), str(image), *extra))
     assert message in error
+
+
+# ---- hostile and broken model files: predict, evaluate and serve refuse each in one line ---------
+HOSTILE = {  # case -> (file name, what the one line says)
+    "truncated onnx": ("model.onnx", "not a readable onnx model (["),
+    "truncated tflite": ("model.tflite", "not a readable tflite model ("),
+    "savedmodel without variables": ("savedmodel", "not a readable savedmodel model ("),
+    "truncated keras": ("model.keras", "not a readable .keras model (File is not a zip file)"),
+    "unknown custom class": ("model.keras", "it uses the class 'FancyDense' from my_project.layers, "
+                                            "which is not registered here"),
+    "python lambda": ("model.keras", "Lambda` layer whose `function` is a Python lambda"),
+}
+KERAS_CASES = [case for case, (name, _) in HOSTILE.items() if name == "model.keras"]
+
+
+def _cut(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    return target
+
+
+@pytest.fixture(scope="module")
+def hostile_models(exported, tmp_path_factory) -> dict[str, Path]:
+    """Each HOSTILE case made from the torch export (a file in a folder of its own)."""
+    version, root = exported["torch"], tmp_path_factory.mktemp("hostile")
+    made = {}
+    for case, (name, _) in HOSTILE.items():
+        (root / case).mkdir()
+        made[case] = root / case / name
+    for case in ("truncated onnx", "truncated tflite", "truncated keras"):
+        _cut(version / HOSTILE[case][0], made[case])
+    shutil.copytree(version / "savedmodel", made["savedmodel without variables"],
+                    ignore=shutil.ignore_patterns("variables"))
+    # the head's first Dense renamed to a class from a package this process has never imported
+    with zipfile.ZipFile(version / "model.keras") as source, \
+            zipfile.ZipFile(made["unknown custom class"], "w") as target:
+        config = json.loads(source.read("config.json"))
+        dense = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")
+        dense.update(module="my_project.layers", class_name="FancyDense",
+                     registered_name="MyProject>FancyDense")
+        for item in source.infolist():
+            data = json.dumps(config).encode() if item.filename == "config.json" else source.read(item)
+            target.writestr(item, data)
+    built = python(f"""
+        import os
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+        import keras
+        inputs = keras.Input((32, 32, 3))
+        doubled = keras.layers.Lambda(lambda x: x * 2)(inputs)
+        outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(doubled))
+        keras.Model(inputs, outputs).save({str(made["python lambda"])!r})
+    """)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return made
+
+
+def _refused(result, model: Path, message: str, fault_row, command: str, case: str) -> None:
+    row = fault_row(kind="hostile model file", fault=f"flowers {command}: {case}")
+    row["traceback"] = "Traceback" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and not row["traceback"], result.stderr[-3000:]
+    assert lines[-1].startswith(f"error: {model}: ") and message in lines[-1], lines[-1]
+    row["outcome"] = "refused in one line: " + lines[-1][len(f"error: {model}: "):][:140]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_predict_refuses_a_hostile_model_file(hostile_models, photo, case, fault_row):
+    model = hostile_models[case]
+    result = flowers("predict", str(model), str(photo))
+    one_line_error(result)
+    _refused(result, model, HOSTILE[case][1], fault_row, "predict", case)
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_serve_refuses_a_hostile_model_file(hostile_models, case, fault_row):
+    """The server stops before it answers anything; its last line is the reason (uvicorn's own
+    start and stop lines come before it)."""
+    from flowers.serve.bench import free_port
+
+    model = hostile_models[case]
+    result = flowers("serve", str(model), "--host", "127.0.0.1", "--port", str(free_port()), timeout=180)
+    _refused(result, model, HOSTILE[case][1], fault_row, "serve", case)
+
+
+@pytest.mark.parametrize("case", KERAS_CASES)
+def test_evaluate_refuses_a_run_with_a_hostile_model_file(hostile_models, smoke_runs, tmp_path, case,
+                                                          fault_row):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["torch"], run, ignore=shutil.ignore_patterns("model.keras"))
+    shutil.copy(hostile_models[case], run / "model.keras")
+    result = flowers("evaluate", str(run))
+    one_line_error(result)
+    _refused(result, run / "model.keras", HOSTILE[case][1], fault_row, "evaluate", case)

@@ -82,20 +82,27 @@ MATRIX = [
 
 @pytest.mark.parametrize("backend,fault,code", MATRIX, ids=[f"{b}-{f}" for b, f, _ in MATRIX])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(backend, fault, code, tmp_path,
-                                                          tmp_path_factory):
+                                                          tmp_path_factory, fault_row):
+    row = fault_row(kind="signal" if code > 0 else "kill", backend=backend,
+                    fault=f"FLOWERS_FAULT={fault}" if code > 0 else f"SIGKILL at {fault}")
     killed = flowers(*_args(backend), "--runs-dir", str(tmp_path), env={"FLOWERS_FAULT": fault})
     assert killed.returncode == code, killed.stderr[-2000:]
-    assert "Traceback" not in killed.stderr
+    row["traceback"] = "Traceback" in killed.stderr
+    assert not row["traceback"]
     if code > 0:  # a signal: one line saying what is kept and the command that continues it
         line = killed.stderr.strip().splitlines()[-1]
         assert line.startswith(f"error: interrupted by {signal.Signals(code - 128).name}; ")
         assert f"flowers train -e smoke --backend {backend} --resume --runs-dir {tmp_path}" in line
     assert not [p for p in (tmp_path / "smoke" / backend).iterdir() if not p.name.startswith(".")]
+    row["outcome"] = (f"exit {code}, one line with the resume command; " if code > 0 else "") + \
+        "an .incomplete- run that --resume completes"
     _assert_same_run(_resume(backend, tmp_path), _uninterrupted(backend, tmp_path_factory))
+    row["identical"] = True
 
 
-def test_sigterm_from_outside_mid_training(tmp_path, tmp_path_factory):
+def test_sigterm_from_outside_mid_training(tmp_path, tmp_path_factory, fault_row):
     """A preemption notice at an unplanned moment: SIGTERM once the first epoch is reported."""
+    row = fault_row(kind="signal", backend="tensorflow", fault="SIGTERM from outside after epoch 1")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("KERAS_BACKEND", None)
     process = subprocess.Popen([sys.executable, "-m", "flowers.cli", *_args("tensorflow"),
@@ -119,16 +126,22 @@ def test_sigterm_from_outside_mid_training(tmp_path, tmp_path_factory):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert "Traceback" not in stderr
+    row["traceback"] = "Traceback" in stderr
+    assert not row["traceback"]
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM; ")
+    row["outcome"] = "exit 143, one line with the resume command; --resume completes it"
     _assert_same_run(_resume("tensorflow", tmp_path), _uninterrupted("tensorflow", tmp_path_factory))
+    row["identical"] = True
 
 
 # the same check covers training_metadata.json and rng_state.npz (flowers.checkpoint._damage)
 @pytest.mark.parametrize("damaged", ["latest.weights.h5"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damaged, tmp_path, tmp_path_factory):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damaged, tmp_path, tmp_path_factory,
+                                                                 fault_row):
     """A disk that lost the end of the newest checkpoint's file: one warning, resume from the epoch
     before, and still the uninterrupted result."""
+    row = fault_row(kind="damaged file", backend="tensorflow",
+                    fault=f"SIGKILL after epoch 3's checkpoint, then its {damaged} cut in half")
     killed = flowers(*_args("tensorflow"), "--runs-dir", str(tmp_path),
                      env={"FLOWERS_FAULT": "checkpoint-published:3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -140,4 +153,82 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damaged, tmp_p
     assert "resume: 2 of 4 epochs done" in resumed.stdout, resumed.stdout + resumed.stderr
     warnings = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
     assert len(warnings) == 1 and damaged in warnings[0], resumed.stderr
+    row["traceback"] = "Traceback" in resumed.stderr
+    row["outcome"] = "one warning; resumes from epoch 2's checkpoint"
     _assert_same_run(run_dir_of(resumed), _uninterrupted("tensorflow", tmp_path_factory))
+    row["identical"] = True
+
+
+# ---- a full disk: one line naming the file, nothing published, a rerun with room succeeds --------
+# The limit is the process's file-size limit (ulimit -f, as a shell sets it): a write past it fails
+# with EFBIG like a full disk's ENOSPC (both handled by flowers.files.no_space, ENOSPC for real in
+# test_no_space_reads_each_librarys_way_of_saying_it), and it needs no root and no mount.
+FILE_LIMIT_KB = 40_000  # under the 94 MB weights file, over every small file
+
+
+def _with_file_limit(*args: str, limit_kb: int = FILE_LIMIT_KB) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("KERAS_BACKEND", None)
+    return subprocess.run(["bash", "-c", f'ulimit -f {limit_kb} && exec "$0" -m flowers.cli "$@"',
+                           sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=PROJECT_ROOT, timeout=600)
+
+
+def _no_space_line(result, under) -> str:
+    from conftest import one_line_error
+
+    line = one_line_error(result)
+    assert line.startswith(f"error: no space left writing {under}/"), line
+    assert "File too large: over the file-size limit" in line and "run the command again" in line
+    return line
+
+
+def test_a_full_disk_stops_train_export_and_compare_and_a_rerun_finishes(tmp_path, tmp_path_factory,
+                                                                       fault_row):
+    runs, exports, reports = tmp_path / "runs", tmp_path / "exports", tmp_path / "reports"
+    row = fault_row(kind="disk full", backend="tensorflow", fault="flowers train, file-size limit 40 MB")
+    _no_space_line(_with_file_limit(*_args("tensorflow"), "--runs-dir", str(runs)), runs)
+    (unfinished,) = (runs / "smoke" / "tensorflow").iterdir()
+    assert unfinished.name.startswith(".incomplete-")  # nothing that looks like a finished run
+    run = _resume("tensorflow", runs)
+    row["outcome"] = "one line naming the file; an .incomplete- run that --resume completes"
+    _assert_same_run(run, _uninterrupted("tensorflow", tmp_path_factory))
+    row["identical"] = True
+
+    row = fault_row(kind="disk full", backend="tensorflow", fault="flowers export, file-size limit 40 MB")
+    _no_space_line(_with_file_limit("export", str(run), "--out", str(exports)), exports / "smoke")
+    assert list((exports / "smoke").iterdir()) == []  # no version, not even a staged one
+    version = run_dir_of(flowers("export", str(run), "--formats", "keras", "--out", str(exports)))
+    assert version == exports / "smoke" / "v1"
+    assert read_json(version / "manifest.json")["verification"]["passed"] is True
+    row["outcome"] = "one line naming the file; no version; the rerun writes v1"
+
+    row = fault_row(kind="disk full", backend="tensorflow", fault="flowers compare, file-size limit 2 KB")
+    _no_space_line(_with_file_limit("compare", str(run), "--out", str(reports), limit_kb=2), reports)
+    assert not (reports / "smoke").exists() and not [p for p in reports.iterdir() if p.is_dir()]
+    report = flowers("compare", str(run), "--out", str(reports))
+    assert report.returncode == 0 and (reports / "smoke" / "comparison.md").is_file(), report.stderr
+    row["outcome"] = "one line naming the file; no report; the rerun writes it"
+
+
+def test_no_space_reads_each_librarys_way_of_saying_it(tmp_path):
+    """A real ENOSPC (/dev/full), h5py's and TensorFlow's messages, and an error that is not one."""
+    import errno
+
+    from flowers import files
+
+    with open("/dev/full", "wb", buffering=0) as device, pytest.raises(OSError) as full:
+        device.write(b"x")
+    assert full.value.errno == errno.ENOSPC
+    line = files.no_space(full.value)
+    assert line.startswith("no space left (No space left on device)"), line
+    h5py_style = OSError(27, "Can't synchronously write data (file write failed: filename = "
+                             "'/runs/x/latest.weights.h5', errno = 27, error message = 'File too large')")
+    assert files.no_space(h5py_style).startswith(
+        "no space left writing /runs/x/latest.weights.h5 (File too large: over the file-size limit")
+    tf_style = RuntimeError("could not write '/exp/v3/savedmodel/variables/variables.data-00000-of-00001'")
+    tf_style.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert files.no_space(tf_style).startswith(  # the file named by the error around the cause
+        "no space left writing /exp/v3/savedmodel/variables/variables.data-00000-of-00001 (No space")
+    assert files.no_space(ValueError("File format not supported")) is None
+    assert files.no_space(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None
