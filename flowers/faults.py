@@ -8,6 +8,13 @@ check what the kill leaves behind (a complete run, or an `.incomplete-` one that
     checkpoint-staged:<epoch>      epoch <epoch>'s state written, before its directory is published
     train-step:<epoch>:<step>      after training step <step> (0-based) of epoch <epoch> (0-based)
     run-saved                      the run's files are all written, before its directory is renamed
+    export-worker:<backend>        `flowers export`: the Keras process under <backend> has written
+                                   and run its formats (the others are not verified yet)
+    publish-staged                 a staged directory is complete, before it is renamed into place
+                                   (the first one of the process: an export version, a report, ...)
+    publish-exchanged              a replacing directory is swapped in, the old one not yet deleted
+    publish-done                   a directory is in its place (the process has not said so yet)
+    export-copied                  `flowers export`: model.keras copied, no other format written
 """
 
 from __future__ import annotations

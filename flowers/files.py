@@ -18,6 +18,7 @@ parity.json, bench results, progress.json and the per-epoch bookkeeping) goes th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -29,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from flowers import faults
 from flowers.errors import FlowersError
 
 # Prefix of a directory that is still being written (a run, an export version).
@@ -153,9 +155,11 @@ def publish_dir(staging: Path, final: Path, replace: bool = False) -> Path:
     """Rename a complete staging directory to final; returns final.
 
     Without replace, an existing final is never touched: FileExistsError (the caller picks another
-    name, as export does for the next version). With replace, an existing final is swapped out
-    whole and then deleted, so readers see the old directory or the new one, never a mix.
+    name, as export does for the next version). With replace, an existing final is swapped with
+    staging in one atomic rename (renameat2 RENAME_EXCHANGE) and then deleted, so readers, and a
+    kill at any moment, see the old directory or the new one, never a mix and never neither.
     """
+    faults.point("publish-staged")
     if not replace:
         try:
             staging.rename(final)  # a non-empty final makes rename fail
@@ -163,15 +167,41 @@ def publish_dir(staging: Path, final: Path, replace: bool = False) -> Path:
             if final.exists():
                 raise FileExistsError(final) from None
             raise
+        faults.point("publish-done")
+        return final
+    if final.exists() and _exchange(staging, final):  # one atomic step: staging now holds the old
+        faults.point("publish-exchanged")
+        shutil.rmtree(staging, ignore_errors=True)
+        faults.point("publish-done")
         return final
     old = None
-    if final.exists():
+    if final.exists():  # a filesystem without RENAME_EXCHANGE: two renames, a moment with neither
         old = make_public_dir(final.parent, f".{final.name}-old-")
         final.rename(old / final.name)
     staging.rename(final)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+    faults.point("publish-done")
     return final
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE, glibc 2.28+).
+
+    Python's os module has no such call, so it is reached through libc. False where the C library
+    or the filesystem does not have it (the caller falls back to two renames).
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
 def final_name(path: Path) -> str:

@@ -270,8 +270,8 @@ def write_report(comparison: dict[str, Any], run_list: Sequence[Run], out_root: 
     """Write the report into out_root/<experiment>/, replacing any previous one whole.
 
     Everything is written into a staging directory beside it first (files.staging_dir) and swapped
-    in whole (files.publish_dir), so a failure leaves the previous report (or nothing), never a
-    partial one.
+    in whole (files.publish_dir), so a failure or a kill leaves the previous report (or nothing
+    where there was none) or the new one, never a partial one.
 
     Returns:
         The report directory.

@@ -4,6 +4,7 @@ left alone: the same history.csv, the same val metrics and the same trained weig
 under each backend (dropout and augmentation on, so the data order and every random draw count).
 """
 
+import hashlib
 import io
 import os
 import queue
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -232,3 +234,62 @@ def test_no_space_reads_each_librarys_way_of_saying_it(tmp_path):
         "no space left writing /exp/v3/savedmodel/variables/variables.data-00000-of-00001 (No space")
     assert files.no_space(ValueError("File format not supported")) is None
     assert files.no_space(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None
+
+
+# ---- the kill matrix for `flowers export` and `flowers compare` ---------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    return _uninterrupted("tensorflow", tmp_path_factory)
+
+
+def _published(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def _killed(fault_row, command: str, fault: str, *args: str):
+    row = fault_row(kind="kill", backend="tensorflow", fault=f"flowers {command}, SIGKILL at {fault}")
+    killed = flowers(command, *args, env={"FLOWERS_FAULT": fault})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    row["traceback"] = "Traceback" in killed.stderr
+    assert not row["traceback"]
+    return row
+
+
+def test_a_killed_export_leaves_no_version_or_a_complete_one(finished_run, tmp_path, fault_row):
+    """Killed mid-write (model.keras copied), mid-verification (one backend's Keras process done)
+    and just before the rename: no version, and `flowers exports list` shows none. Killed just
+    after the rename: a complete, verified version, numbered v1: the killed attempts took no number."""
+    exports, args = tmp_path / "exports", (str(finished_run), "--formats", "keras", "--out",
+                                           str(tmp_path / "exports"))
+    for fault in ("export-copied", "export-worker:tensorflow", "publish-staged"):
+        row = _killed(fault_row, "export", fault, *args)
+        assert _published(exports / "smoke") == [], fault
+        listed = flowers("exports", "list", "--out", str(exports))
+        assert listed.returncode == 0 and "v1" not in listed.stdout, listed.stdout + listed.stderr
+        row["outcome"] = "no version"
+    row = _killed(fault_row, "export", "publish-done", *args)
+    assert _published(exports / "smoke") == ["v1"]
+    manifest = read_json(exports / "smoke" / "v1" / "manifest.json")
+    assert manifest["version"] == 1 and manifest["verification"]["passed"] is True
+    written = (exports / "smoke" / "v1" / "model.keras").read_bytes()
+    assert hashlib.sha256(written).hexdigest() == manifest["files"]["model.keras"]["sha256"]
+    row["outcome"] = "a complete, verified v1 (the killed attempts took no number)"
+
+
+def test_a_killed_compare_leaves_the_old_report_or_the_new_one(finished_run, tmp_path, fault_row):
+    reports = tmp_path / "reports"
+    args = (str(finished_run), "--out", str(reports))
+    first = flowers("compare", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    old = (reports / "smoke" / "comparison.json").read_text()
+
+    row = _killed(fault_row, "compare", "publish-staged", *args)
+    assert (reports / "smoke" / "comparison.json").read_text() == old
+    row["outcome"] = "the previous report, whole"
+    row = _killed(fault_row, "compare", "publish-exchanged", *args)
+    new = read_json(reports / "smoke" / "comparison.json")
+    assert (reports / "smoke" / "comparison.json").read_text() != old  # its creation time differs
+    assert {"comparison.md", "comparison.csv", *new["charts"]} <= set(_published(reports / "smoke"))
+    row["outcome"] = "the new report, whole (swapped in with one atomic rename)"
+    again = flowers("compare", *args)
+    assert again.returncode == 0 and _published(reports) == ["smoke"], again.stderr[-2000:]

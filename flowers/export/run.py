@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import __version__, backend, data, files, host, runs, tables, workers
+from flowers import __version__, backend, data, faults, files, host, runs, tables, workers
 from flowers.config import PROJECT_ROOT, Experiment
 from flowers.errors import FlowersError
 from flowers.export import runtimes
@@ -311,6 +311,7 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
     if "keras" in formats:
         shutil.copyfile(run_dir / "model.keras", staging / FORMAT_PATHS["keras"])
         write_info["keras"] = {"written_by": "copy of the run's model.keras", "write_s": 0.0}
+        faults.point("export-copied")
     model_path = staging / FORMAT_PATHS["keras"] if "keras" in formats else run_dir / "model.keras"
     np.save(scratch / "images.npy", images)
 
@@ -320,6 +321,7 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
         step(f"keras under {name}: verification images" + "".join(f", write {f}" for f in writes))
         result, probabilities = _run_worker(name, model_path, writes, scratch, latency_repeats)
         keras_runs[name] = (result, probabilities)
+        faults.point(f"export-worker:{name}")
         for fmt, seconds in result["write_s"].items():
             written_by = f"keras {host.package_version('keras')} {WRITTEN_WITH[fmt]} under {name}"
             write_info[fmt] = {"written_by": written_by, "write_s": round(seconds, 2)}
