@@ -87,6 +87,9 @@ class TrainConfig:
     # end a phase when val_loss has not improved for this many epochs, keeping its best epoch's
     # weights (0 = off)
     early_stopping_patience: int = 0
+    # also checkpoint every this many training steps inside an epoch, so a kill loses at most that
+    # many steps; --resume continues mid-epoch with the batches left (0 = after each epoch only)
+    checkpoint_every_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,8 @@ def validate(experiment: Experiment) -> None:
              f"must be one of {', '.join(LR_SCHEDULES)}")
     _require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,
              "must be >= 0 (0 = off)")
+    _require(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps,
+             "must be >= 0 (0 = after each epoch only)")
     _require(f.epochs >= 0, "finetune.epochs", f.epochs, "must be >= 0 (0 = no fine-tuning)")
     _require(f.learning_rate > 0, "finetune.learning_rate", f.learning_rate, "must be > 0")
     unfreeze = f.unfreeze.strip()

@@ -123,8 +123,9 @@ class Splits:
             return self.num_train // self.batch_size
         return -(-self.num_train // self.batch_size)
 
-    def train_epochs(self, first_epoch: int, epochs: int):
-        """Training batches of epochs first_epoch..epochs-1, one epoch after the other.
+    def train_epochs(self, first_epoch: int, epochs: int, skip_steps: int = 0):
+        """Training batches of epochs first_epoch..epochs-1, one epoch after the other, without
+        the first `skip_steps` batches of first_epoch (a run resumed mid-epoch).
 
         Give it to model.fit with steps_per_epoch=self.steps_per_epoch: epoch e's order and
         augmentation depend only on (seed, e), so a run resumed at first_epoch sees exactly the
@@ -132,7 +133,7 @@ class Splits:
         """
         augment = _augmenter(self.seed) if self.augment else None
         return epoch_batches(self.train_examples, self.batch_size, self.seed, first_epoch, epochs,
-                             self.image_size, augment, self.drop_remainder)
+                             self.image_size, augment, self.drop_remainder, skip_steps)
 
     @property
     def train(self):
@@ -221,32 +222,39 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 def epoch_batches(examples: Examples, batch_size: int, seed: int, first_epoch: int, epochs: int,
                   image_size: int | None = None, augment: Callable | None = None,
-                  drop_remainder: bool = False):
-    """Batches of epochs first_epoch..epochs-1, each epoch in its own epoch_order.
+                  drop_remainder: bool = False, skip_steps: int = 0):
+    """Batches of epochs first_epoch..epochs-1, each epoch in its own epoch_order, less the first
+    skip_steps batches of first_epoch.
 
     Every epoch has ceil(N / batch_size) batches (the last one may be short), or N // batch_size
     whole ones with drop_remainder. augment(images, epoch, batch_index) is applied to float32
-    batches when given.
+    batches when given; batch_index counts from the epoch's first batch, skipped ones included,
+    so a batch is augmented alike whether or not the batches before it were skipped.
     """
     import tensorflow as tf
 
     if not 0 <= first_epoch < epochs:
         raise ValueError(f"first_epoch={first_epoch} must be in [0, epochs={epochs})")
+    steps = len(examples) // batch_size if drop_remainder else -(-len(examples) // batch_size)
+    if not 0 <= skip_steps < steps:
+        raise ValueError(f"skip_steps={skip_steps} must be in [0, steps per epoch={steps})")
     orders = np.stack([epoch_order(len(examples), seed, e) for e in range(first_epoch, epochs)])
     read = _reader(examples, image_size)
 
     def one_epoch(epoch, order):
-        ds = tf.data.Dataset.from_tensor_slices(order).map(read, tf.data.AUTOTUNE)
+        # skipped in the index, before any image is read
+        skipped = tf.where(tf.equal(epoch, first_epoch), np.int64(skip_steps), np.int64(0))
+        ds = tf.data.Dataset.from_tensor_slices(order).skip(skipped * batch_size)
+        ds = ds.map(read, tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_to_float, tf.data.AUTOTUNE)
         if augment is not None:
-            ds = ds.enumerate().map(lambda b, xy: (augment(xy[0], epoch, b), xy[1]),
+            ds = ds.enumerate().map(lambda b, xy: (augment(xy[0], epoch, b + skipped), xy[1]),
                                     tf.data.AUTOTUNE)
         return ds
 
     epoch_ids = np.arange(first_epoch, epochs, dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((epoch_ids, orders)).flat_map(one_epoch)
-    steps = len(examples) // batch_size if drop_remainder else -(-len(examples) // batch_size)
-    ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - first_epoch) * steps))
+    ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - first_epoch) * steps - skip_steps))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

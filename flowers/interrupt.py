@@ -3,9 +3,9 @@
 The CLI installs the handlers. Outside training a signal raises Interrupted at once (files being
 written are atomic, flowers.files, so nothing half-written is left). While model.fit runs
 (`deferred()`), the signal is only recorded and training stops at the next step boundary
-(`check()`, called by a callback after each step and after each epoch's checkpoint), so the last
-published epoch checkpoint is what `--resume` continues from. A second signal while one is pending
-stops at once.
+(`check()`, called by a callback after each step and after each epoch's checkpoint), once the
+state after that step is saved (flowers.train.StepBoundary), so `--resume` continues from there. A
+second signal while one is pending stops at once.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def deferred() -> Iterator[None]:
     finally:
         _deferring[0] = False
     check()
+
+
+def pending() -> bool:
+    """Whether a signal is waiting for check()."""
+    return bool(_pending)
 
 
 def check() -> None:

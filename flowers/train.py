@@ -20,7 +20,14 @@ import keras
 import numpy as np
 
 from flowers import backbones, backend, data, distribute, faults, files, host, interrupt, runs, weights
-from flowers.checkpoint import WEIGHTS_FILE, EpochCheckpoint, latest_state, restored_epoch, states
+from flowers.checkpoint import (
+    WEIGHTS_FILE,
+    EpochCheckpoint,
+    Position,
+    latest_state,
+    restored_position,
+    states,
+)
 from flowers.config import Experiment
 from flowers.errors import FlowersError
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
@@ -94,16 +101,25 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 class StepBoundary(keras.callbacks.Callback):
-    """Where SIGINT/SIGTERM stop training (flowers.interrupt): after a step, or after an epoch's
-    checkpoint is published (this callback runs after EpochCheckpoint). Also the fault points
-    train-step:<epoch>:<step> (flowers.faults)."""
+    """Where SIGINT/SIGTERM stop training (flowers.interrupt): after a step, once the state after
+    it is saved, or, after an epoch's last step, once the epoch is validated and its checkpoint
+    published (this callback runs after EpochCheckpoint). Also the fault points
+    train-step:<epoch>:<step> (flowers.faults; <step> counts from the epoch's start, also in a
+    fit() that resumed mid-epoch)."""
+
+    def __init__(self, checkpoint: EpochCheckpoint, steps_per_epoch: int):
+        super().__init__()
+        self.checkpoint, self.steps_per_epoch = checkpoint, steps_per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        faults.point(f"train-step:{self._epoch}:{batch}")
-        interrupt.check()
+        step = self.checkpoint.step_offset + batch
+        faults.point(f"train-step:{self._epoch}:{step}")
+        if interrupt.pending() and step + 1 < self.steps_per_epoch:
+            self.checkpoint.save_step(batch)
+            interrupt.check()
 
     def on_epoch_end(self, epoch, logs=None):
         interrupt.check()
@@ -214,10 +230,9 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
             try:
                 fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
             except interrupt.Interrupted as stop:
-                done = restored_epoch(phase_dir("finetune", engine.backup_dir(run_dir))) or \
-                    restored_epoch(engine.backup_dir(run_dir))
-                stop.hint = (f"{run_dir} keeps its checkpoint after epoch {done} of "
-                             f"{cfg.total_epochs}")
+                done = newest_position(engine.backup_dir(run_dir))
+                stop.hint = (f"{run_dir} keeps its checkpoint after "
+                             f"{done.describe(cfg.total_epochs, fit_splits.steps_per_epoch)}")
                 raise
             engine.check_in_sync(model)
             engine.barrier("flowers-trained")
@@ -326,23 +341,28 @@ class EarlyStop(keras.callbacks.EarlyStopping):
             self.model.set_weights(self.best_weights)
 
     def on_train_end(self, logs=None):
-        pass  # the best weights went back at the phase's last epoch (on_epoch_end)
+        # The best weights went back at the phase's last epoch (on_epoch_end). A phase resumed
+        # mid-epoch is two fit() calls: the second one goes on from this state.
+        self._restored = (self._state(), self.best_weights)
+
+    def _state(self) -> dict:
+        return {"best": None if self.best is None else float(self.best), "best_epoch": self.best_epoch,
+                "wait": self.wait, "stopped_epoch": self.stopped_epoch or None}
 
     def save_state(self, staging: Path) -> None:
-        files.write_json(staging / self.STATE_FILE, {
-            "best": None if self.best is None else float(self.best), "best_epoch": self.best_epoch,
-            "wait": self.wait, "stopped_epoch": self.stopped_epoch or None})
-        _save_weights(staging / self.WEIGHTS_FILE, self.best_weights)
+        files.write_json(staging / self.STATE_FILE, self._state())
+        _save_weights(staging / self.WEIGHTS_FILE, self.best_weights or [])
 
     def load_state(self, state: Path) -> None:
-        self._restored = (files.read_json(state / self.STATE_FILE),
-                          _load_weights(state / self.WEIGHTS_FILE))
+        best_weights = _load_weights(state / self.WEIGHTS_FILE)
+        self._restored = (files.read_json(state / self.STATE_FILE), best_weights or None)
 
     @classmethod
-    def summary(cls, checkpoints: Path, epoch: int | None = None) -> dict[str, int | None] | None:
+    def summary(cls, checkpoints: Path,
+                position: Position | None = None) -> dict[str, int | None] | None:
         """{"best_epoch", "stopped_epoch"} (1-based, None: ran every epoch) from the phase's
-        checkpoint after `epoch` epochs (the newest when None); None when there is none."""
-        state = latest_state(checkpoints) if epoch is None else states(checkpoints).get(epoch)
+        checkpoint at `position` (the newest when None); None when there is none."""
+        state = latest_state(checkpoints) if position is None else states(checkpoints).get(position)
         if state is None or not (state / cls.STATE_FILE).is_file():
             return None
         saved = files.read_json(state / cls.STATE_FILE)
@@ -365,11 +385,12 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     say = progress or (lambda line: None)
     backup_dir = engine.backup_dir(run_dir)
     boundary_dir = backup_dir / "head-final"
-    # every process starts at the newest epoch all of them have saved
-    first_epoch = engine.minimum(restored_epoch(phase_dir("finetune", backup_dir))
-                                 or restored_epoch(backup_dir))
-    if first_epoch:
-        say(f"resume: {first_epoch} of {cfg.total_epochs} epochs done; continuing")
+    steps = splits.steps_per_epoch
+    # every process starts at the newest position all of them have saved
+    start = Position.from_global_step(engine.minimum(newest_position(backup_dir).global_step(steps)),
+                                      steps)
+    if start != (0, 0):
+        say(f"resume: {start.describe(cfg.total_epochs, steps)} done; continuing")
     timer = EpochTimer(run_dir / "progress.json") if engine.is_chief else None
     chief_callbacks = [
         timer,
@@ -383,13 +404,13 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     patience = cfg.train.early_stopping_patience
     for phase in phases(cfg):
         checkpoints = phase_dir(phase.name, backup_dir)
-        # the state this process restores: data-parallel processes may have saved one epoch apart
-        stopped = patience and (EarlyStop.summary(checkpoints, first_epoch) or {}).get("stopped_epoch")
-        if first_epoch >= phase.end or stopped:
+        # the state this process restores: data-parallel processes may have saved one apart
+        stopped = patience and (EarlyStop.summary(checkpoints, start) or {}).get("stopped_epoch")
+        if start.epoch >= phase.end or stopped:
             continue
-        restore = first_epoch if first_epoch > phase.start else 0
+        restore = start if start > (phase.start, 0) else Position(0)
         if phase.name == "finetune":
-            if not restore and not ran_head_phase:
+            if restore == (0, 0) and not ran_head_phase:
                 PhaseWeights.restore(model, boundary_dir)
             unfrozen = unfreeze(model, cfg.finetune.unfreeze)
             say(f"finetune: {len(unfrozen)} backbone layers unfrozen (from {unfrozen[0]!r}; "
@@ -397,31 +418,21 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
         boundary = [PhaseWeights(model, boundary_dir, phase.end - 1)] \
             if phase.name == "head" and cfg.finetune.epochs else []
         stopper = EarlyStop(patience, phase.end - 1) if patience else None
-        fit_callbacks = [
-            # The engine's first (torch: rank 0's weights everywhere before training; logs averaged
-            # over the processes before anything records them, so every process stops alike).
-            *engine.callbacks(),
-            # Before the boundary weights and the checkpoint, which then hold the best weights.
-            *([stopper] if stopper else []),
-            *chief_callbacks,
-            *boundary,
-            # After the epoch's times and history row are written, so a kill between the two leaves a
-            # checkpoint whose epochs all have their times (a re-run epoch replaces its own row/times).
-            EpochCheckpoint(checkpoints, restore, companion=stopper),
-            *callbacks,
-            StepBoundary(),
-        ]
-        begin = max(first_epoch, phase.start)
+        begin = max(restore.epoch, phase.start)
         if phase.name == "head" and cfg.train.cache_features:
             say("features: computing the frozen backbone's features once (train.cache_features)")
-            start = time.perf_counter()
-            fit_model, train_data, val_data = cached_feature_data(model, splits, cfg, begin, phase.end)
-            feature_extraction_s = time.perf_counter() - start
+            clock = time.perf_counter()
+            fit_model, train_features, val_data = feature_data(model, splits, cfg)
+            feature_extraction_s = time.perf_counter() - clock
+
+            def train_data(first, end, skip, features=train_features):
+                return data.epoch_batches(features, cfg.train.batch_size, cfg.train.seed, first, end,
+                                          drop_remainder=splits.drop_remainder, skip_steps=skip)
         else:
             fit_model, val_data = model, splits.val
-            train_data = splits.train_epochs(begin, phase.end)
+            train_data = splits.train_epochs
         with engine.scope():
-            compile_model(fit_model, learning_rate(cfg, phase, splits.steps_per_epoch), num_classes,
+            compile_model(fit_model, learning_rate(cfg, phase, steps), num_classes,
                           cfg.train.jit_compile)
         if timer:
             timer.compiled_again()
@@ -429,15 +440,41 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
             say(f"validation: fewer than one global batch ({splits.num_val} images); per-epoch "
                 "validation is skipped, the final evaluation uses every image")
             val_data = None
-        say(f"train: {phase.end - begin} {phase.name} epoch(s) of {splits.steps_per_epoch} steps "
-            f"under {backend_name}")
-        with interrupt.deferred():
-            fit_model.fit(engine.shard(train_data),
-                          validation_data=None if val_data is None else engine.shard(val_data),
-                          initial_epoch=phase.start, epochs=phase.end,
-                          steps_per_epoch=splits.steps_per_epoch,
-                          callbacks=fit_callbacks, shuffle=False,
-                          verbose=2 if progress is None and engine.is_chief else 0)
+        say(f"train: {phase.end - begin} {phase.name} epoch(s) of {steps} steps under {backend_name}"
+            + (f" (the first from step {restore.step + 1})" if restore.step else ""))
+        # Keras fit() has no first step: a phase resumed inside an epoch fits that epoch's steps
+        # left first (steps_per_epoch = the steps left), then the phase's other epochs.
+        segments = [(begin, begin + 1, restore.step)] if restore.step else []
+        if begin + bool(restore.step) < phase.end:
+            segments.append((begin + bool(restore.step), phase.end, 0))
+        for first, end, skip in segments:
+            checkpoint = EpochCheckpoint(checkpoints, restore if first == begin else Position(0),
+                                         companion=stopper, steps_per_epoch=steps,
+                                         every_steps=cfg.train.checkpoint_every_steps)
+            fit_callbacks = [
+                # The engine's first (torch: rank 0's weights everywhere before training; logs
+                # averaged over the processes before anything records them, so every process
+                # stops alike).
+                *engine.callbacks(),
+                # Before the boundary weights and the checkpoint, which then hold the best weights.
+                *([stopper] if stopper else []),
+                *chief_callbacks,
+                *boundary,
+                # After the epoch's times and history row are written, so a kill between the two
+                # leaves a checkpoint whose epochs all have their times (a re-run epoch replaces its
+                # own row/times).
+                checkpoint,
+                *callbacks,
+                StepBoundary(checkpoint, steps),
+            ]
+            with interrupt.deferred():
+                fit_model.fit(engine.shard(train_data(first, end, skip)),
+                              validation_data=None if val_data is None else engine.shard(val_data),
+                              initial_epoch=first, epochs=end, steps_per_epoch=steps - skip,
+                              callbacks=fit_callbacks, shuffle=False,
+                              verbose=2 if progress is None and engine.is_chief else 0)
+            if fit_model.stop_training:  # early stopping ended the phase
+                break
         ran_head_phase = ran_head_phase or phase.name == "head"
         ran_a_phase = True
     if not ran_a_phase:
@@ -447,6 +484,12 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     early_stopping = {phase.name: EarlyStop.summary(phase_dir(phase.name, backup_dir))
                       for phase in phases(cfg)} if patience else None
     return Fitted(timer, bool(model.jit_compile), feature_extraction_s, early_stopping)
+
+
+def newest_position(backup_dir: Path) -> Position:
+    """How far the run's checkpoints go: fine-tuning's newest state, else the head phase's."""
+    finetune = restored_position(phase_dir("finetune", backup_dir))
+    return finetune if finetune != (0, 0) else restored_position(backup_dir)
 
 
 def validates_every_epoch(splits: data.Splits) -> bool:
@@ -635,14 +678,14 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
     }, null_reasons)
 
 
-def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment,
-                        first_epoch: int = 0, end_epoch: int | None = None):
-    """train.cache_features: the head model and feature datasets that replace images.
+def feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment):
+    """train.cache_features: the head model, the training images' features (data.Examples, in the
+    split's stored order) and the validation features' dataset, which replace images.
 
     The backbone is frozen (inference-mode BatchNorm) and there is no augmentation, so each image's
     pooled features never change: computing them once and training the head on them is the same
-    math as running the backbone every step. The features are batched in the same per-epoch
-    order as the images (data.epoch_batches), so the head sees the same batches.
+    math as running the backbone every step. Batch the training features with data.epoch_batches,
+    in the same per-epoch order as the images, so the head sees the same batches.
     """
     extractor = feature_extractor(model)
 
@@ -652,12 +695,19 @@ def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment
 
     train_features = features(splits.train_in_order, splits.train_examples.labels)
     val_features = features(splits.val, splits.val_examples.labels)
-    batch = cfg.train.batch_size
-    return (head(model),
-            data.epoch_batches(train_features, batch, cfg.train.seed, first_epoch,
+    return (head(model), train_features,
+            data.in_order(val_features, cfg.train.batch_size, drop_remainder=splits.drop_remainder))
+
+
+def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment,
+                        first_epoch: int = 0, end_epoch: int | None = None):
+    """feature_data with the training features batched for epochs first_epoch..end_epoch-1."""
+    head_model, train_features, val_data = feature_data(model, splits, cfg)
+    return (head_model,
+            data.epoch_batches(train_features, cfg.train.batch_size, cfg.train.seed, first_epoch,
                                cfg.train.epochs if end_epoch is None else end_epoch,
                                drop_remainder=splits.drop_remainder),
-            data.in_order(val_features, batch, drop_remainder=splits.drop_remainder))
+            val_data)
 
 
 def evaluate_run(run_dir: Path, backend_name: str) -> dict[str, Any]:

@@ -28,9 +28,9 @@ SETTINGS = ["train.epochs=4", "data.synthetic_train_images=16", "data.synthetic_
             "train.batch_size=8", "train.latency_repeats=1", "data.augment=true"]
 
 
-def _args(backend):
+def _args(backend, *extra):
     return ["train", "-e", "smoke", "--backend", backend,
-            *[a for s in SETTINGS for a in ("--set", s)]]
+            *[a for s in (*SETTINGS, *extra) for a in ("--set", s)]]
 
 
 _whole: dict = {}
@@ -71,23 +71,31 @@ def _resume(backend, root):
     return run_dir_of(resumed)
 
 
-# (backend, FLOWERS_FAULT, expected exit code): each backend killed at other points (a kill right
-# after an epoch's checkpoint: test_resume.py, test_early_stopping.py, test_finetune.py)
+# (backend, FLOWERS_FAULT, expected exit code, train.checkpoint_every_steps, the state resumed
+# from): each backend killed at other points (a kill right after an epoch's checkpoint:
+# test_resume.py, test_early_stopping.py, test_finetune.py). An epoch is 2 steps.
 MATRIX = [
-    ("tensorflow", "checkpoint-staged:2", -signal.SIGKILL),  # mid-write of the checkpoint
-    ("tensorflow", "run-saved", -signal.SIGKILL),  # every file written, before the final rename
-    ("torch", "train-step:2:0", -signal.SIGKILL),  # mid-epoch
-    ("torch", "train-step:2:0=SIGTERM", 143),
-    ("jax", "train-step:1:1=SIGINT", 130),
+    ("tensorflow", "checkpoint-staged:2", -signal.SIGKILL, 0, "epoch-1"),  # mid-write of epoch 2's
+    ("tensorflow", "run-saved", -signal.SIGKILL, 0, "epoch-4"),  # every file written, not renamed
+    ("torch", "train-step:2:0", -signal.SIGKILL, 0, "epoch-2"),  # mid-epoch: the epoch again
+    ("torch", "train-step:2:0=SIGTERM", 143, 0, "epoch-2-step-1"),  # the signal saves that step
+    ("jax", "train-step:1:1=SIGINT", 130, 0, "epoch-2"),  # an epoch's last step: the epoch finishes
+    ("tensorflow", "train-step:1:1", -signal.SIGKILL, 1, "epoch-1-step-1"),  # a step state
+    ("jax", "checkpoint-staged:1:1", -signal.SIGKILL, 1, "epoch-1"),  # mid-write of a step state
 ]
 
 
-@pytest.mark.parametrize("backend,fault,code", MATRIX, ids=[f"{b}-{f}" for b, f, _ in MATRIX])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(backend, fault, code, tmp_path,
-                                                          tmp_path_factory, fault_row):
+@pytest.mark.parametrize("backend,fault,code,every_steps,resumed_from", MATRIX,
+                         ids=[f"{m[0]}-{m[1]}" + (f"-every-{m[3]}" if m[3] else "") for m in MATRIX])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(backend, fault, code, every_steps,
+                                                          resumed_from, tmp_path, tmp_path_factory,
+                                                          fault_row):
+    every = [f"train.checkpoint_every_steps={every_steps}"] if every_steps else []
     row = fault_row(kind="signal" if code > 0 else "kill", backend=backend,
-                    fault=f"FLOWERS_FAULT={fault}" if code > 0 else f"SIGKILL at {fault}")
-    killed = flowers(*_args(backend), "--runs-dir", str(tmp_path), env={"FLOWERS_FAULT": fault})
+                    fault=(f"FLOWERS_FAULT={fault}" if code > 0 else f"SIGKILL at {fault}")
+                    + "".join(f", {e}" for e in every))
+    killed = flowers(*_args(backend, *every), "--runs-dir", str(tmp_path),
+                     env={"FLOWERS_FAULT": fault})
     assert killed.returncode == code, killed.stderr[-2000:]
     row["traceback"] = "Traceback" in killed.stderr
     assert not row["traceback"]
@@ -95,10 +103,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(backend, fault, code, 
         line = killed.stderr.strip().splitlines()[-1]
         assert line.startswith(f"error: interrupted by {signal.Signals(code - 128).name}; ")
         assert f"flowers train -e smoke --backend {backend} --resume --runs-dir {tmp_path}" in line
-    assert not [p for p in (tmp_path / "smoke" / backend).iterdir() if not p.name.startswith(".")]
+    runs = list((tmp_path / "smoke" / backend).iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith(".incomplete-"), runs
+    if resumed_from != "epoch-4":  # the newest state is the one the resume continues from
+        saved = [p for p in (runs[0] / "backup").glob("epoch-*")
+                 if (p / "training_metadata.json").is_file()]
+        newest = max(saved, key=lambda p: [int(n) for n in p.name.split("-")[1::2]])
+        assert newest.name == resumed_from
     row["outcome"] = (f"exit {code}, one line with the resume command; " if code > 0 else "") + \
-        "an .incomplete- run that --resume completes"
-    _assert_same_run(_resume(backend, tmp_path), _uninterrupted(backend, tmp_path_factory))
+        f"an .incomplete- run that --resume completes from {resumed_from}"
+    resumed = flowers("train", "-e", "smoke", "--backend", backend, "--resume", "--runs-dir", str(tmp_path))
+    if "step" in resumed_from:
+        assert "steps of epoch" in resumed.stdout  # resume: epoch E of 4 and S of 2 steps of ...
+    _assert_same_run(run_dir_of(resumed), _uninterrupted(backend, tmp_path_factory))
     row["identical"] = True
 
 

@@ -70,10 +70,13 @@ def test_markdown_table_aligns_and_checks_its_shape():
         tables.markdown_table(["a", "b"], [["only one cell"]])
 
 
-def test_a_resume_restores_the_newest_complete_epoch_only(tmp_path):
-    """A staging directory or an epoch directory without its metadata is never restored from."""
+def test_a_resume_restores_the_newest_complete_state_only(tmp_path):
+    """A staging directory or a state directory without its metadata is never restored from; a
+    state inside an epoch (train.checkpoint_every_steps) comes after its epoch's start."""
     backup = tmp_path / "backup"
-    for name, metadata in (("epoch-2", {"epoch": 2}), ("epoch-3", None), (".incomplete-ab", {"epoch": 4})):
+    for name, metadata in (("epoch-2", {"epoch": 2}), ("epoch-2-step-3", {"epoch": 2, "batch": 3}),
+                           ("epoch-3", None), ("epoch-3-step-1", None),
+                           (".incomplete-ab", {"epoch": 4})):
         (backup / name).mkdir(parents=True)
         if metadata:
             (backup / name / "training_metadata.json").write_text(json.dumps(metadata))
@@ -82,9 +85,9 @@ def test_a_resume_restores_the_newest_complete_epoch_only(tmp_path):
         from pathlib import Path
         from flowers import backend
         backend.select("tensorflow")
-        from flowers.checkpoint import latest_state, restored_epoch
-        print(latest_state(Path("{backup}")).name, restored_epoch(Path("{backup}")),
-              restored_epoch(Path("{tmp_path}/none")))
+        from flowers.checkpoint import latest_state, restored_position
+        print(latest_state(Path("{backup}")).name, *restored_position(Path("{backup}")),
+              *restored_position(Path("{tmp_path}/none")))
     """)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["epoch-2", "2", "0"]
+    assert result.stdout.split() == ["epoch-2-step-3", "2", "3", "0", "0"]
