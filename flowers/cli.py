@@ -95,6 +95,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     exp = config.load_experiment(experiment, () if resume else overrides)
     name = backend.check_name(backend_name or DEFAULT_BACKEND)
     root = runs.runs_root(runs_dir)
+    files.check_writable(root, "--runs-dir")
     resume_dir = None
     if resume:  # checked before select() imports the frameworks: a refusal takes a second
         resume_dir, exp = runs.resume_settings(root, exp.name, name, overrides)
@@ -162,6 +163,7 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
 
     if run_dirs and experiment:
         raise FlowersError("give --experiment NAME or RUN_DIR arguments, not both")
+    files.check_writable(report.reports_root(out), "--out")
     if not run_dirs:
         if not experiment:
             raise FlowersError("nothing to compare: give --experiment NAME (newest complete run "
@@ -491,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(1)
     except FlowersError as exc:
-        click.echo(f"error: {files.no_space(exc) or exc}", err=True)
+        click.echo(f"error: {files.write_error(exc) or exc}", err=True)
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                    err=True)
         sys.exit(130)
     except Exception as exc:  # a full disk reaches here from whichever library was writing
-        line = files.no_space(exc)
+        line = files.write_error(exc)
         if line is None:
             raise
         click.echo(f"error: {line}", err=True)

@@ -12,7 +12,8 @@ parity.json, bench results, progress.json and the per-epoch bookkeeping) goes th
   make it 0o700, unreadable by a model server or a colleague once published).
 - no_space: the one-line reason when a write failed because the disk, a quota or the file-size limit
   (ulimit -f) is full, found in the exception or its causes, whichever library raised it (h5py,
-  TensorFlow, onnx, numpy, Python itself).
+  TensorFlow, onnx, numpy, Python itself); write_error adds a read-only file system and a refused
+  permission; check_writable refuses an output folder that cannot be written before any work.
 """
 
 from __future__ import annotations
@@ -72,6 +73,44 @@ def no_space(exc: BaseException) -> str | None:
                     "run the command again (an unfinished training run continues with --resume)")
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+# errno values of a folder that cannot be written at all
+_UNWRITABLE = {errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied",
+               errno.EPERM: "Operation not permitted"}
+
+
+def write_error(exc: BaseException) -> str | None:
+    """no_space's line, or one for a write refused by a read-only file system or its permissions
+    (an OSError in exc's chain with that errno); None for any other exception."""
+    if line := no_space(exc):
+        return line
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
+            path = exc.filename2 or exc.filename
+            what = "cannot write" if exc.errno == errno.EROFS else "no permission for"
+            return (f"{what}{f' {path}' if path else ''} ({_UNWRITABLE[exc.errno]}); nothing was "
+                    "published: make the folder writable or use another one (an unfinished "
+                    "training run continues with --resume)")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Create folder (and its parents) and a file in it, or raise a one-line FlowersError saying
+    which folder cannot be written and why, and which option (e.g. --runs-dir) chooses another."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".flowers-write-check-"):
+            pass
+        return
+    except OSError as exc:
+        reason = _NO_SPACE.get(exc.errno) or exc.strerror or str(exc)
+    # raised outside the except block: the OSError is not its context, so the CLI prints this line
+    raise FlowersError(f"cannot write to {folder} ({reason}); make it writable or choose another "
+                       f"folder with {option}")
 
 
 @contextlib.contextmanager

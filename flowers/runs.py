@@ -7,10 +7,11 @@ in it, so a directory without the dot is always complete. An interrupted run kee
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,24 @@ def lock(run_dir: Path) -> int:
         raise FlowersError(f"{run_dir} is being trained by another flowers process right now; "
                            "wait for it to finish, or stop it and then --resume") from None
     return fd
+
+
+@contextlib.contextmanager
+def kept(run_dir: Path) -> Iterator[None]:
+    """Say so in one line when the block fails because run_dir was deleted while it ran.
+
+    Whatever write fails first (progress.json, a checkpoint, TensorBoard's events, in any library)
+    fails because its folder is gone; the run cannot be resumed, since its checkpoints went with it.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if run_dir.is_dir():
+            raise
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise FlowersError(f"the run directory {run_dir} was deleted while the run was writing to "
+                           f"it ({type(exc).__name__}: {detail}); nothing was published and its "
+                           "checkpoints are gone: start the run again") from None
 
 
 def find_incomplete(root: Path, experiment_name: str, backend: str) -> Path:

@@ -222,38 +222,39 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         runs.lock(run_dir)
     with engine.guard():
         run_dir = Path(engine.agree(str(run_dir or "")))  # the chief's run directory, everywhere
-    if engine.is_chief:
-        files.write_json(run_dir / "class_names.json", splits.class_names)
-    with HostMemorySampler() as host_memory:
-        backend.reset_peak_device_memory(backend_name)
-        with engine.guard():
-            try:
-                fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
-            except interrupt.Interrupted as stop:
-                done = newest_position(engine.backup_dir(run_dir))
-                stop.hint = (f"{run_dir} keeps its checkpoint after "
-                             f"{done.describe(cfg.total_epochs, fit_splits.steps_per_epoch)}")
-                raise
-            engine.check_in_sync(model)
-            engine.barrier("flowers-trained")
-        if not engine.is_chief:  # the chief evaluates and writes the run directory
-            return run_dir.with_name(files.final_name(run_dir))
-        if engine.distributed:
-            model = _single_device_copy(model, engine, cfg, num_classes)
-        say("evaluate: validation split, then latency")
-        measured = measure(model, splits, cfg)
-    metrics = _metrics(cfg, backend_name, run_dir, fit_splits, engine, fitted, measured,
-                       host_memory.peak_mb, resumed=resume_dir is not None)
-    if splits.skipped_files:
-        files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
-    files.write_json(run_dir / "metrics.json", metrics)
-    _dedupe_history(run_dir / "history.csv", cfg.train.epochs)
-    save_model(portable(model, cfg.model, cfg.data.image_size, num_classes), run_dir / "model.keras",
-               splits.class_names)
-    shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    (run_dir / "progress.json").unlink(missing_ok=True)
-    faults.point("run-saved")
-    return runs.finalize(run_dir)
+    with runs.kept(run_dir):  # a run directory deleted mid-run: one line, whatever failed
+        if engine.is_chief:
+            files.write_json(run_dir / "class_names.json", splits.class_names)
+        with HostMemorySampler() as host_memory:
+            backend.reset_peak_device_memory(backend_name)
+            with engine.guard():
+                try:
+                    fitted = fit(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks, progress)
+                except interrupt.Interrupted as stop:
+                    done = newest_position(engine.backup_dir(run_dir))
+                    stop.hint = (f"{run_dir} keeps its checkpoint after "
+                                 f"{done.describe(cfg.total_epochs, fit_splits.steps_per_epoch)}")
+                    raise
+                engine.check_in_sync(model)
+                engine.barrier("flowers-trained")
+            if not engine.is_chief:  # the chief evaluates and writes the run directory
+                return run_dir.with_name(files.final_name(run_dir))
+            if engine.distributed:
+                model = _single_device_copy(model, engine, cfg, num_classes)
+            say("evaluate: validation split, then latency")
+            measured = measure(model, splits, cfg)
+        metrics = _metrics(cfg, backend_name, run_dir, fit_splits, engine, fitted, measured,
+                           host_memory.peak_mb, resumed=resume_dir is not None)
+        if splits.skipped_files:
+            files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
+        files.write_json(run_dir / "metrics.json", metrics)
+        _dedupe_history(run_dir / "history.csv", cfg.train.epochs)
+        save_model(portable(model, cfg.model, cfg.data.image_size, num_classes), run_dir / "model.keras",
+                   splits.class_names)
+        shutil.rmtree(run_dir / "backup", ignore_errors=True)
+        (run_dir / "progress.json").unlink(missing_ok=True)
+        faults.point("run-saved")
+        return runs.finalize(run_dir)
 
 
 @dataclass(frozen=True)

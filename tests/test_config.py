@@ -55,6 +55,8 @@ def test_config_hash_follows_settings_not_names():
     ("model.data_format=nhwc", "must be one of auto, channels_last, channels_first"),
     ("train.jit_compile=yes", "must be one of auto, true, false"),
     ("train.dtype_policy=float16", "must be one of float32, mixed_bfloat16, mixed_float16"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps=-1: must be >= 0"),
+    ("train.checkpoint_every_steps=2.5", "train.checkpoint_every_steps='2.5': expected int"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(FlowersError, match=None) as info:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,92 @@ def test_no_space_reads_each_librarys_way_of_saying_it(tmp_path):
         "no space left writing /exp/v3/savedmodel/variables/variables.data-00000-of-00001 (No space")
     assert files.no_space(ValueError("File format not supported")) is None
     assert files.no_space(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None
+    # a folder that turns read-only or loses its permissions while a command writes into it
+    assert files.write_error(OSError(errno.EROFS, "Read-only file system", "/runs/x.h5")) == (
+        "cannot write /runs/x.h5 (Read-only file system); nothing was published: make the folder "
+        "writable or use another one (an unfinished training run continues with --resume)")
+    refused = RuntimeError("saving failed")
+    refused.__context__ = PermissionError(errno.EACCES, "Permission denied", "/exports/v2")
+    assert files.write_error(refused).startswith("no permission for /exports/v2 (Permission denied)")
+    assert files.write_error(full.value).startswith("no space left")
+    assert files.write_error(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None
+
+
+# ---- a read-only output folder; a run directory deleted while the run writes to it -----------
+def _read_only(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`flowers args` with folder read-only for it alone: a read-only bind mount in the process's
+    own mount namespace (unshare -rm: a user namespace, so it needs no root, and root's chmod
+    bypass cannot write through it either)."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"needs unshare -rm (user and mount namespaces): {probe.stderr.strip()}")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("KERAS_BACKEND", None)
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder), sys.executable,
+                           "-m", "flowers.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=PROJECT_ROOT, timeout=300)
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, finished_run, fault_row):
+    from conftest import one_line_error
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    for command, option in ((_args("tensorflow"), "--runs-dir"),
+                            (["export", str(finished_run)], "--out"),
+                            (["compare", str(finished_run)], "--out")):
+        row = fault_row(kind="read-only folder", backend="tensorflow",
+                        fault=f"flowers {command[0]} {option} on a read-only mount")
+        started = time.monotonic()
+        line = one_line_error(_read_only(read_only, *command, option, str(read_only / "out")))
+        row["traceback"] = False
+        folder = read_only / "out" / ("smoke" if command[0] == "export" else "")
+        assert line == (f"error: cannot write to {str(folder).rstrip('/')} (Read-only file system); "
+                        f"make it writable or choose another folder with {option}")
+        row["outcome"] = f"refused in one line after {time.monotonic() - started:.0f} s, nothing written"
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_run_directory_deleted_mid_run_stops_it_in_one_line(tmp_path, fault_row):
+    """The folder goes away under a training run (someone cleans up, a volume is unmounted)."""
+    row = fault_row(kind="vanishing folder", backend="tensorflow",
+                    fault="the .incomplete- run directory deleted after epoch 1")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("KERAS_BACKEND", None)
+    process = subprocess.Popen([sys.executable, "-m", "flowers.cli", *_args("tensorflow"),
+                                "--runs-dir", str(tmp_path)], cwd=PROJECT_ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if lines.get(timeout=5).startswith("epoch 1/4"):
+                    break
+            except queue.Empty:
+                assert process.poll() is None, process.stderr.read()
+        else:
+            pytest.fail("no epoch reported within 300 s")
+        (run,) = (tmp_path / "smoke" / "tensorflow").iterdir()
+        for _ in range(50):  # the run may be writing into it meanwhile
+            shutil.rmtree(run, ignore_errors=True)
+            if not run.exists():
+                break
+        stderr = process.stderr.read()
+        code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    row["traceback"] = "Traceback" in stderr
+    assert code == 1 and not row["traceback"], stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: the run directory {run} was deleted while the run was writing "
+                           "to it ("), line
+    assert line.endswith("nothing was published and its checkpoints are gone: start the run again")
+    assert list((tmp_path / "smoke" / "tensorflow").iterdir()) == []
+    row["outcome"] = "exit 1, one line saying the run directory was deleted; nothing published"
 
 
 # ---- the kill matrix for `flowers export` and `flowers compare` ---------------------------------

@@ -184,6 +184,7 @@ def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_roo
     step = on_step or (lambda line: None)
     request = check_request(run_dir, formats)
     experiment = request.experiment
+    files.check_writable(out_root / experiment.name, "--out")
     _use_tensorflow_on_cpu()
 
     step(f"loading verification images of {experiment.name} ({experiment.data.source})")
