@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import glob
 import json
 import os
 import re
@@ -181,13 +183,41 @@ def staging_dir(parent: Path, prefix: str = INCOMPLETE_PREFIX) -> Iterator[Path]
     """A new staging directory under parent, removed with everything in it if the block fails.
 
     The block publishes it (publish_dir) when it is complete; a published directory is kept.
+    A process killed with SIGKILL cannot remove its own: the staging directory is locked (flock,
+    released when its process ends) while the block runs, and the next staging_dir under the same
+    parent and prefix deletes every sibling nobody holds, so stale ones do not pile up.
     """
+    _sweep(parent, prefix)
     staging = make_public_dir(parent, prefix)
+    held = os.open(staging, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
+
+
+def _sweep(parent: Path, prefix: str) -> None:
+    """Delete parent's prefix* directories left by processes that died (their lock is free)."""
+    if not parent.is_dir():
+        return
+    for stale in parent.glob(f"{glob.escape(prefix)}*"):
+        if not stale.is_dir() or stale.is_symlink():
+            continue
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(stale, ignore_errors=True)
+        except BlockingIOError:
+            pass  # another process is building it now
+        finally:
+            os.close(fd)
 
 
 def publish_dir(staging: Path, final: Path, replace: bool = False) -> Path:

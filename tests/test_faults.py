@@ -371,8 +371,10 @@ def test_a_killed_export_leaves_no_version_or_a_complete_one(finished_run, tmp_p
         listed = flowers("exports", "list", "--out", str(exports))
         assert listed.returncode == 0 and "v1" not in listed.stdout, listed.stdout + listed.stderr
         row["outcome"] = "no version"
+        # the killed attempt's staging folder stays until the next export's start deletes it
+        assert len([p for p in (exports / "smoke").iterdir() if p.name.startswith(".")]) == 1
     row = _killed(fault_row, "export", "publish-done", *args)
-    assert _published(exports / "smoke") == ["v1"]
+    assert sorted(p.name for p in (exports / "smoke").iterdir()) == ["v1"]  # no stale staging left
     manifest = read_json(exports / "smoke" / "v1" / "manifest.json")
     assert manifest["version"] == 1 and manifest["verification"]["passed"] is True
     written = (exports / "smoke" / "v1" / "model.keras").read_bytes()
@@ -397,3 +399,4 @@ def test_a_killed_compare_leaves_the_old_report_or_the_new_one(finished_run, tmp
     row["outcome"] = "the new report, whole (swapped in with one atomic rename)"
     again = flowers("compare", *args)
     assert again.returncode == 0 and _published(reports) == ["smoke"], again.stderr[-2000:]
+    assert sorted(p.name for p in reports.iterdir()) == ["smoke"]  # the killed ones' folders went
