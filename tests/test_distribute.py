@@ -179,6 +179,36 @@ def test_a_vertex_ai_cluster_spec_drives_two_torch_workers(single, tmp_path):
     _assert_same_training(run, single("torch"))
 
 
+def test_sigterm_to_both_torch_processes_mid_epoch_resumes_mid_epoch_to_the_same_run(single, tmp_path):
+    """A preemption notice reaches every process of the job: each stops after the same step, saves
+    the state after it (epoch 2, step 2 of 4), exits 143 with one line; --resume on both continues
+    inside that epoch and ends with the one-process run."""
+    port = _port()
+    args = _flowers([*SMOKE, "--backend", "torch", "--distribute", "data-parallel",
+                     "--runs-dir", str(tmp_path)])
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "FLOWERS_COLLECTIVE_TIMEOUT_S": "60"}
+    stopped = _launch([(args, {**env, "RANK": str(rank), "FLOWERS_FAULT": "train-step:1:1=SIGTERM"})
+                       for rank in range(2)], tmp_path / "stopped")
+    assert [code for code, _, _ in stopped] == [143, 143], stopped[0][2][-3000:] + stopped[1][2][-3000:]
+    for _, _, err in stopped:
+        assert "Traceback" not in err
+        assert "keeps its checkpoint after 1 of 2 epochs and 2 of 4 steps of epoch 2" in \
+            err.strip().splitlines()[-1]
+    (unfinished,) = (tmp_path / "smoke" / "torch").iterdir()
+    for process in ("process-0", "process-1"):
+        assert (unfinished / "backup" / process / "epoch-1-step-2").is_dir()
+
+    env["MASTER_PORT"] = str(_port())
+    resumed = _launch([(args + ["--resume"], {**env, "RANK": str(rank)}) for rank in range(2)],
+                      tmp_path / "resumed")
+    assert [code for code, _, _ in resumed] == [0, 0], resumed[0][2][-3000:] + resumed[1][2][-3000:]
+    assert "resume: 1 of 2 epochs and 2 of 4 steps of epoch 2 done" in resumed[0][1]
+    run = Path(resumed[0][1].strip().splitlines()[-1])
+    _assert_same_training(run, single("torch"))
+    assert read_json(run / "metrics.json")["resumed"] is True
+
+
 def test_a_dead_peer_stops_the_survivor_with_one_resumable_line(tmp_path):
     """Rank 1 is SIGKILLed after its epoch-1 checkpoint; rank 0 must not hang in the next step."""
     port = _port()
