@@ -165,3 +165,31 @@ def test_hostile_files_in_a_class_folder_are_skipped_not_crashed_on(tmp_path, fl
     assert skipped == ["bomb.png", "empty.jpg", "fake.jpg", "loop.jpg"]
     assert len(listing.train_files) + len(listing.val_files) == 16  # 15 photos + the 1 x 1 one
     assert "bomb.png" in caplog.text
+
+
+def test_a_photo_without_read_permission_is_skipped_with_its_reason(tmp_path, flowers12):
+    """chmod 000 on one photo. Root reads it anyway (CAP_DAC_OVERRIDE), so as root the scan runs
+    without that capability and CAP_DAC_READ_SEARCH (setpriv --bounding-set), as a user would."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = _photo_folder(tmp_path, flowers12)
+    photo = sorted(sorted(root.iterdir())[0].iterdir())[0]
+    photo.chmod(0)
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from flowers.data import scan_folder
+        listing = scan_folder(Path("{root}"), 0.2, seed=0)
+        print(len(listing.train_files) + len(listing.val_files))
+        print(*listing.skipped_files, sep=chr(10))
+    """)
+    result = subprocess.run([*as_user, sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept, skipped = result.stdout.strip().splitlines()
+    assert kept == "14"  # the other 14 photos
+    assert skipped == str(photo)
+    assert f"{photo}: unreadable (Permission denied)" in result.stderr  # the warning says why
