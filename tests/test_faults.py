@@ -4,6 +4,7 @@ left alone: the same history.csv, the same val metrics and the same trained weig
 under each backend (dropout and augmentation on, so the data order and every random draw count).
 """
 
+import contextlib
 import hashlib
 import io
 import os
@@ -120,13 +121,14 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(backend, fault, code, 
     row["identical"] = True
 
 
-def test_sigterm_from_outside_mid_training(tmp_path, tmp_path_factory, fault_row):
-    """A preemption notice at an unplanned moment: SIGTERM once the first epoch is reported."""
-    row = fault_row(kind="signal", backend="tensorflow", fault="SIGTERM from outside after epoch 1")
+@contextlib.contextmanager
+def _training_after_epoch_1(runs_dir):
+    """A tensorflow smoke run as a subprocess (its own process group), handed over once it has
+    reported epoch 1; killed with its group if the test leaves it running."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("KERAS_BACKEND", None)
     process = subprocess.Popen([sys.executable, "-m", "flowers.cli", *_args("tensorflow"),
-                                "--runs-dir", str(tmp_path)], cwd=PROJECT_ROOT, env=env, text=True,
+                                "--runs-dir", str(runs_dir)], cwd=PROJECT_ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
@@ -140,12 +142,19 @@ def test_sigterm_from_outside_mid_training(tmp_path, tmp_path_factory, fault_row
                 assert process.poll() is None, process.stderr.read()
         else:
             pytest.fail("no epoch reported within 300 s")
-        process.send_signal(signal.SIGTERM)
-        stderr = process.stderr.read()
-        assert process.wait(timeout=300) == 143, stderr
+        yield process
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_sigterm_from_outside_mid_training(tmp_path, tmp_path_factory, fault_row):
+    """A preemption notice at an unplanned moment: SIGTERM once the first epoch is reported."""
+    row = fault_row(kind="signal", backend="tensorflow", fault="SIGTERM from outside after epoch 1")
+    with _training_after_epoch_1(tmp_path) as process:
+        process.send_signal(signal.SIGTERM)
+        stderr = process.stderr.read()
+        assert process.wait(timeout=300) == 143, stderr
     row["traceback"] = "Traceback" in stderr
     assert not row["traceback"]
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM; ")
@@ -303,23 +312,7 @@ def test_a_run_directory_deleted_mid_run_stops_it_in_one_line(tmp_path, fault_ro
     """The folder goes away under a training run (someone cleans up, a volume is unmounted)."""
     row = fault_row(kind="vanishing folder", backend="tensorflow",
                     fault="the .incomplete- run directory deleted after epoch 1")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("KERAS_BACKEND", None)
-    process = subprocess.Popen([sys.executable, "-m", "flowers.cli", *_args("tensorflow"),
-                                "--runs-dir", str(tmp_path)], cwd=PROJECT_ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if lines.get(timeout=5).startswith("epoch 1/4"):
-                    break
-            except queue.Empty:
-                assert process.poll() is None, process.stderr.read()
-        else:
-            pytest.fail("no epoch reported within 300 s")
+    with _training_after_epoch_1(tmp_path) as process:
         (run,) = (tmp_path / "smoke" / "tensorflow").iterdir()
         for _ in range(50):  # the run may be writing into it meanwhile
             shutil.rmtree(run, ignore_errors=True)
@@ -327,9 +320,6 @@ def test_a_run_directory_deleted_mid_run_stops_it_in_one_line(tmp_path, fault_ro
                 break
         stderr = process.stderr.read()
         code = process.wait(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
     row["traceback"] = "Traceback" in stderr
     assert code == 1 and not row["traceback"], stderr
     line = stderr.strip().splitlines()[-1]
