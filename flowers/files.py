@@ -101,12 +101,17 @@ def write_error(exc: BaseException) -> str | None:
 
 
 def check_writable(folder: Path, option: str) -> None:
-    """Create folder (and its parents) and a file in it, or raise a one-line FlowersError saying
-    which folder cannot be written and why, and which option (e.g. --runs-dir) chooses another."""
+    """Raise a one-line FlowersError saying which folder cannot be written and why, and which option
+    (e.g. --runs-dir) chooses another, unless a folder can be made in it (or, while it does not exist
+    yet, in the nearest folder above it that does). Nothing is left behind: a command refused later
+    for another reason has written nothing."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".flowers-write-check-"):
-            pass
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".flowers-write-check-"))
         return
     except OSError as exc:
         reason = _NO_SPACE.get(exc.errno) or exc.strerror or str(exc)

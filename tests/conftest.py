@@ -23,6 +23,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FLOWERS12 = PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
 BACKENDS = ("torch", "tensorflow", "jax")
 
+# Two xdist workers on a 2-core CPU each start framework processes, and torch's OpenMP pool takes one
+# thread per core by default: two such pools oversubscribe the cores and Keras-on-torch collapses
+# (two flowers12 torch runs at once took 652 s together with 2 threads each, 170 s with 1 each; the
+# same losses to the bit). So each worker's processes get their share of the cores (a user's own
+# OMP_NUM_THREADS wins).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 def flowers(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the flowers CLI in a fresh process (so each gets its own keras backend)."""
