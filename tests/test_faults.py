@@ -277,7 +277,7 @@ def _read_only(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """`flowers args` with folder read-only for it alone: a read-only bind mount in the process's
     own mount namespace (unshare -rm: a user namespace, so it needs no root, and root's chmod
     bypass cannot write through it either)."""
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True)
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
         pytest.skip(f"needs unshare -rm (user and mount namespaces): {probe.stderr.strip()}")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
