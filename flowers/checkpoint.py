@@ -17,7 +17,9 @@ trains only the batches left (flowers.train), and the state adds what an epoch's
 needs: the running values of the training metrics (METRICS_FILE). fit() resets them at the start of
 every epoch and builds the accuracy metrics only in its first step, so they go back after that
 step, added to it: every training metric here is a Keras Mean (a running total and count), and
-saved + (0 + this step's) is the sum an uninterrupted epoch computes, to the bit.
+saved + (0 + this step's) is the sum an uninterrupted epoch computes, to the bit. Under
+tf.distribute.MirroredStrategy each device keeps its own running values (SyncOnRead variables): they
+are saved and added back per device (distribute.Engine.replica_values), so the same holds there.
 
 Import only after flowers.backend.select(): it imports keras.
 """
@@ -35,7 +37,7 @@ import h5py
 import keras
 import numpy as np
 
-from flowers import faults, files
+from flowers import distribute, faults, files
 from flowers.errors import FlowersError
 
 WEIGHTS_FILE = "latest.weights.h5"
@@ -151,12 +153,15 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
 
     def __init__(self, backup_dir: Path, position: Position | None = None,
                  companion: Companion | None = None, steps_per_epoch: int = 0,
-                 every_steps: int = 0):
+                 every_steps: int = 0, engine: distribute.Engine | None = None):
         """Restore `position`'s state (the newest when None; nothing when Position(0)).
 
         steps_per_epoch: the epoch's steps (needed for states inside an epoch).
         every_steps: also save a state every that many steps inside an epoch (0: never; an epoch's
             last step is followed by the epoch's own state). save_step() saves one now.
+
+        engine: the distribution engine the model trains under (it reads and restores the metrics'
+            running values per replica).
 
         A companion callback keeps its own state in every state's directory: save_state(staging)
         before it is published, load_state(state) now, for the position restored.
@@ -176,6 +181,7 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
         self._weights_path = str(state / WEIGHTS_FILE)
         self._training_metadata_path = str(state / METADATA_FILE)
         self._companion = companion
+        self._engine = engine or distribute.Engine()
         self._restored = position if state.is_dir() else Position(0)
         self._steps_per_epoch, self._every_steps = steps_per_epoch, every_steps
         self._first_epoch_of_fit = True
@@ -212,17 +218,18 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
         if self._metrics_to_add:
             self._metrics_to_add = False
             add_saved_sums(self.model.metrics_variables,
-                           Path(self._weights_path).with_name(METRICS_FILE))
-        done = self._epoch_offset + batch + 1  # steps of this epoch done
-        if self._every_steps and done % self._every_steps == 0 and done < self._steps_per_epoch:
+                           Path(self._weights_path).with_name(METRICS_FILE), self._engine)
+        if self._every_steps and (self._epoch_offset + batch + 1) % self._every_steps == 0:
             self.save_step(batch)
 
-    def save_step(self, batch: int) -> None:
-        """Save the state after training step `batch` of this fit()'s current epoch (not after the
-        epoch's last step: the epoch's own state follows its validation)."""
-        done = self._epoch_offset + batch + 1
-        if done < self._steps_per_epoch:
-            self._publish(Position(self._current_epoch, done))
+    def save_step(self, batch: int) -> bool:
+        """Save the state after training step `batch` of this fit()'s current epoch; False, saving
+        nothing, after the epoch's last step (the epoch's own state follows its validation)."""
+        done = self._epoch_offset + batch + 1  # steps of this epoch done
+        if done >= self._steps_per_epoch:
+            return False
+        self._publish(Position(self._current_epoch, done))
+        return True
 
     def _save_model(self):
         self._publish(Position(self._current_epoch))
@@ -234,7 +241,7 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
             self.model.save_weights(str(staging / WEIGHTS_FILE))
             save_variables(rng_variables(self.model), staging / RNG_FILE)
             if position.step:
-                save_variables(self.model.metrics_variables, staging / METRICS_FILE)
+                save_sums(self.model.metrics_variables, staging / METRICS_FILE, self._engine)
             files.write_json(staging / METADATA_FILE, {"epoch": position.epoch, "batch": position.step})
             if self._companion is not None:
                 self._companion.save_state(staging)
@@ -257,7 +264,7 @@ def rng_variables(model: keras.Model) -> list:
 
 
 def save_variables(variables: list, path: Path) -> None:
-    np.savez(path, *[np.asarray(keras.ops.convert_to_numpy(v.value)) for v in variables])
+    np.savez(path, *[np.asarray(keras.ops.convert_to_numpy(v)) for v in variables])
 
 
 def restore_variables(variables: list, path: Path) -> None:
@@ -269,8 +276,13 @@ def restore_variables(variables: list, path: Path) -> None:
             variable.assign(saved[f"arr_{i}"])
 
 
-def add_saved_sums(variables: list, path: Path) -> None:
-    """Add the running totals and counts saved by save_variables to the variables' values."""
+def save_sums(variables: list, path: Path, engine: distribute.Engine) -> None:
+    """Save the training metrics' running totals and counts, per replica (engine.replica_values)."""
+    np.savez(path, *[engine.replica_values(v) for v in variables])
+
+
+def add_saved_sums(variables: list, path: Path, engine: distribute.Engine) -> None:
+    """Add the running totals and counts saved by save_sums to the variables' values."""
     sums = [v for v in variables if v.name in ("total", "count")]
     if len(sums) != len(variables):
         others = sorted({v.path for v in variables} - {v.path for v in sums})
@@ -281,7 +293,7 @@ def add_saved_sums(variables: list, path: Path) -> None:
         if len(saved.files) != len(variables):
             raise ValueError(f"{path}: {len(saved.files)} saved values for {len(variables)} variables")
         for i, variable in enumerate(variables):
-            variable.assign(keras.ops.add(variable.value, saved[f"arr_{i}"]))
+            engine.add_to_replicas(variable, saved[f"arr_{i}"].reshape(-1, *variable.shape))
 
 
 def restore_rng_state(model: keras.Model, path: Path) -> None:

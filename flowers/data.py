@@ -135,6 +135,12 @@ class Splits:
         return epoch_batches(self.train_examples, self.batch_size, self.seed, first_epoch, epochs,
                              self.image_size, augment, self.drop_remainder, skip_steps)
 
+    def feature_epochs(self, features, first_epoch: int, epochs: int, skip_steps: int = 0):
+        """train_epochs for the frozen backbone's features of the training images (in the same
+        order; not augmented: train.cache_features)."""
+        return epoch_batches(features, self.batch_size, self.seed, first_epoch, epochs,
+                             drop_remainder=self.drop_remainder, skip_steps=skip_steps)
+
     @property
     def train(self):
         """One training epoch (epoch 0's order and augmentation)."""

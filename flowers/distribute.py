@@ -212,6 +212,16 @@ class Engine:
     def local_weights(self, model) -> list[np.ndarray]:
         return [np.asarray(w) for w in model.get_weights()]
 
+    def replica_values(self, variable) -> np.ndarray:
+        """A variable's value on each of this process's replicas, stacked on a new first axis (one
+        row unless the engine keeps a copy per device: a metric's running total, say)."""
+        return np.asarray(variable.numpy())[None]
+
+    def add_to_replicas(self, variable, values: np.ndarray) -> None:
+        """Add replica_values' rows back, each to its replica's copy (a state saved with another
+        number of replicas: the rows' sum to the first copy, which keeps the variable's total)."""
+        variable.assign_add(values.sum(axis=0))
+
     def release(self) -> None:
         """Stop distributing new models and computations (before the single-device evaluation)."""
 
@@ -353,6 +363,30 @@ class _TensorflowEngine(Engine):
 
     def scope(self):
         return self.strategy.scope()
+
+    # A metric variable under MirroredStrategy is a SyncOnRead variable: one running value per
+    # device, summed when read (reading its .value as an array fails). Saved and restored per
+    # device, a resumed epoch's sums are the uninterrupted epoch's to the bit.
+    def replica_values(self, variable) -> np.ndarray:
+        copies = self._copies(variable)
+        return super().replica_values(variable) if copies is None else \
+            np.stack([np.asarray(copy.numpy()) for copy in copies])
+
+    def add_to_replicas(self, variable, values: np.ndarray) -> None:
+        copies = self._copies(variable)
+        if copies is None:
+            return super().add_to_replicas(variable, values)
+        if len(values) != len(copies):  # saved with another number of devices: the total to one
+            values = [values.sum(axis=0)] + [np.zeros_like(values[0])] * (len(copies) - 1)
+        for copy, value in zip(copies, values, strict=True):
+            copy.assign_add(value)
+
+    @staticmethod
+    def _copies(variable):
+        import tensorflow as tf
+
+        value = variable.value
+        return value.values if isinstance(value, tf.distribute.DistributedValues) else None
 
 
 class _TorchEngine(Engine):

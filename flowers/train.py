@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import shutil
 import time
 import warnings
@@ -107,9 +108,9 @@ class StepBoundary(keras.callbacks.Callback):
     train-step:<epoch>:<step> (flowers.faults; <step> counts from the epoch's start, also in a
     fit() that resumed mid-epoch)."""
 
-    def __init__(self, checkpoint: EpochCheckpoint, steps_per_epoch: int):
+    def __init__(self, checkpoint: EpochCheckpoint):
         super().__init__()
-        self.checkpoint, self.steps_per_epoch = checkpoint, steps_per_epoch
+        self.checkpoint = checkpoint
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -117,8 +118,7 @@ class StepBoundary(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = self.checkpoint.step_offset + batch
         faults.point(f"train-step:{self._epoch}:{step}")
-        if interrupt.pending() and step + 1 < self.steps_per_epoch:
-            self.checkpoint.save_step(batch)
+        if interrupt.pending() and self.checkpoint.save_step(batch):
             interrupt.check()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -425,10 +425,7 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
             clock = time.perf_counter()
             fit_model, train_features, val_data = feature_data(model, splits, cfg)
             feature_extraction_s = time.perf_counter() - clock
-
-            def train_data(first, end, skip, features=train_features):
-                return data.epoch_batches(features, cfg.train.batch_size, cfg.train.seed, first, end,
-                                          drop_remainder=splits.drop_remainder, skip_steps=skip)
+            train_data = functools.partial(splits.feature_epochs, train_features)
         else:
             fit_model, val_data = model, splits.val
             train_data = splits.train_epochs
@@ -451,7 +448,8 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
         for first, end, skip in segments:
             checkpoint = EpochCheckpoint(checkpoints, restore if first == begin else Position(0),
                                          companion=stopper, steps_per_epoch=steps,
-                                         every_steps=cfg.train.checkpoint_every_steps)
+                                         every_steps=cfg.train.checkpoint_every_steps,
+                                         engine=engine)
             fit_callbacks = [
                 # The engine's first (torch: rank 0's weights everywhere before training; logs
                 # averaged over the processes before anything records them, so every process
@@ -466,7 +464,7 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
                 # own row/times).
                 checkpoint,
                 *callbacks,
-                StepBoundary(checkpoint, steps),
+                StepBoundary(checkpoint),
             ]
             with interrupt.deferred():
                 fit_model.fit(engine.shard(train_data(first, end, skip)),
@@ -705,9 +703,8 @@ def cached_feature_data(model: keras.Model, splits: data.Splits, cfg: Experiment
     """feature_data with the training features batched for epochs first_epoch..end_epoch-1."""
     head_model, train_features, val_data = feature_data(model, splits, cfg)
     return (head_model,
-            data.epoch_batches(train_features, cfg.train.batch_size, cfg.train.seed, first_epoch,
-                               cfg.train.epochs if end_epoch is None else end_epoch,
-                               drop_remainder=splits.drop_remainder),
+            splits.feature_epochs(train_features, first_epoch,
+                                  cfg.train.epochs if end_epoch is None else end_epoch),
             val_data)
 
 

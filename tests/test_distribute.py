@@ -119,11 +119,23 @@ def test_jax_on_two_devices_trains_the_one_device_losses(single, tmp_path):
     assert (metrics["distribution"], metrics["replicas"], metrics["processes"]) == ("data_parallel", 2, 1)
 
 
-def test_tensorflow_on_two_logical_devices_trains_the_one_device_losses(single, tmp_path):
-    result = flowers(*SMOKE, "--backend", "tensorflow", "--distribute", "data-parallel",
-                     "--runs-dir", str(tmp_path), env={"FLOWERS_TF_CPU_DEVICES": "2"})
-    assert "2 devices on this host (tf.distribute.MirroredStrategy)" in result.stdout
-    _assert_same_training(run_dir_of(result), single("tensorflow"))
+def test_tensorflow_on_two_logical_devices_stopped_mid_epoch_resumes_to_the_one_device_losses(
+        single, tmp_path):
+    """Under MirroredStrategy each device keeps its own running metric values (SyncOnRead
+    variables): a SIGTERM inside epoch 2, with a state saved after every step, saves them per device
+    (reading them as one array used to raise a traceback), and --resume ends with the one-device
+    run's losses and accuracy."""
+    args = [*SMOKE, "--backend", "tensorflow", "--distribute", "data-parallel",
+            "--set", "train.checkpoint_every_steps=1", "--runs-dir", str(tmp_path)]
+    env = {"FLOWERS_TF_CPU_DEVICES": "2"}
+    stopped = flowers(*args, env={**env, "FLOWERS_FAULT": "train-step:1:1=SIGTERM"})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "2 devices on this host (tf.distribute.MirroredStrategy)" in stopped.stdout
+    assert "keeps its checkpoint after 1 of 2 epochs and 2 of 4 steps of epoch 2" in \
+        one_line_error(stopped)
+    resumed = flowers(*args, "--resume", env=env)
+    assert "resume: 1 of 2 epochs and 2 of 4 steps of epoch 2 done" in resumed.stdout
+    _assert_same_training(run_dir_of(resumed), single("tensorflow"))
 
 
 def test_jax_two_processes_killed_after_epoch_1_resume_to_the_same_run(single, tmp_path):
