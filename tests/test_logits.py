@@ -153,10 +153,13 @@ def test_an_old_run_predicts_and_exports_like_the_run_itself(old_run, smoke_runs
         assert _probabilities(old_run / "model.keras", photo, "--backend", backend) == pytest.approx(
             expected, abs=1e-5), backend
 
-    version_dir = run_dir_of(flowers("export", str(old_run), "--out", str(tmp_path)))
+    # The old file's logits are recovered when it loads, before any converter sees the model, so
+    # one converted format proves the export takes them (every format: tests/test_export.py).
+    version_dir = run_dir_of(flowers("export", str(old_run), "--formats", "keras,onnx",
+                                     "--out", str(tmp_path)))
     manifest = read_json(version_dir / "manifest.json")
     assert manifest["verification"]["passed"] is True
-    assert set(manifest["formats"]) == {"keras", "savedmodel", "onnx", "tflite"}
+    assert set(manifest["formats"]) == {"keras", "onnx"}
     assert all(r["passed"] for r in manifest["verification"]["results"])
-    for model in ("savedmodel", "model.onnx", "model.tflite"):
+    for model in ("model.onnx",):
         assert _probabilities(version_dir / model, photo) == pytest.approx(expected, abs=1e-5), model
