@@ -61,6 +61,10 @@ class ModelConfig:
     # layout of the backbone's tensors: "auto" takes the measured-fastest one for the backend
     # (see backend.preferred_data_format); saved models are always channels_last
     data_format: str = "auto"
+    # fold a frozen backbone's BatchNormalization layers into the convolutions before them
+    # (flowers/fold.py: the same function in inference mode, fewer ops); only for a backbone frozen
+    # the whole run (off with finetune.epochs > 0 or freeze_backbone=false)
+    fold_batchnorm: bool = True
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import keras
 
 from flowers import backbones
 from flowers import weights as imagenet_weights
-from flowers.config import ModelConfig, resolve_path
+from flowers.config import Experiment, ModelConfig, resolve_path
 from flowers.errors import FlowersError
+from flowers.fold import fold_batchnorm
 
 # Extra member stored inside model.keras (keras ignores unknown zip members when loading).
 CLASS_NAMES_MEMBER = "flowers_class_names.json"
@@ -84,7 +85,7 @@ class InferenceMode(keras.layers.Wrapper):
 
 
 def build_model(config: ModelConfig, image_size: int, num_classes: int,
-                seed: int = 0) -> keras.Model:
+                seed: int = 0, fold: bool = False) -> keras.Model:
     """Build the classifier: preprocessing -> backbone -> GAP -> Dense relu -> Dropout -> logits.
 
     Args:
@@ -95,6 +96,8 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
             from its own SeedGenerator on every backend, whose state the epoch checkpoint saves, so
             a resumed run draws the masks an uninterrupted one would (unseeded, Keras-on-torch
             takes torch's global generator, which a new process restarts).
+        fold: fold the frozen backbone's BatchNormalization layers (fold_classifier; a run's
+            models fold when folds_batchnorm(experiment) says so).
 
     Returns:
         An uncompiled keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
@@ -137,7 +140,35 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
     # float32 logits even under a mixed-precision policy, so the loss is computed in float32
     # (keras mixed-precision guide)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
-    return keras.Model(inputs, outputs, name=f"flowers_{_identifier(spec.name)}")
+    model = keras.Model(inputs, outputs, name=f"flowers_{_identifier(spec.name)}")
+    return fold_classifier(model) if fold else model
+
+
+def folds_batchnorm(experiment: Experiment) -> bool:
+    """Whether a run's model folds its BatchNormalization (model.fold_batchnorm): only a backbone
+    that stays frozen, in inference mode, for the whole run (fine-tuning trains its convolutions
+    with the BatchNormalization after them, and finetune.unfreeze counts its layers)."""
+    m = experiment.model
+    return m.fold_batchnorm and m.freeze_backbone and not experiment.finetune.epochs
+
+
+def fold_classifier(model: keras.Model) -> keras.Model:
+    """build_model's classifier with its frozen backbone's BatchNormalization layers folded into
+    the convolutions before them (flowers.fold); `model` itself when there is none to fold.
+
+    The other layers are shared with `model` (the same weights); the backbone is a folded copy.
+    """
+    wrapper = next((layer for layer in model.layers if isinstance(layer, InferenceMode)), None)
+    if wrapper is None:
+        return model
+    backbone, count = fold_batchnorm(wrapper.layer)
+    if not count:
+        return model
+    replacement = InferenceMode(backbone, name=wrapper.name)
+    inputs = keras.Input(batch_shape=model.input.shape, dtype=model.input.dtype,
+                         name=model.layers[0].name)
+    return keras.models.clone_model(model, input_tensors=inputs,
+                                    clone_function=lambda layer: replacement if layer is wrapper else layer)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
@@ -216,7 +247,8 @@ def resolve_data_format(config: ModelConfig) -> str:
     return preferred_data_format(keras.backend.backend())
 
 
-def portable(model: keras.Model, config: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
+def portable(model: keras.Model, config: ModelConfig, image_size: int, num_classes: int,
+             fold: bool = False) -> keras.Model:
     """The model in the channels_last layout every backend and exporter can run (same weights).
 
     Keras stores kernels in one layout whatever data_format a layer computes in, so the weights
@@ -225,7 +257,7 @@ def portable(model: keras.Model, config: ModelConfig, image_size: int, num_class
     if resolve_data_format(config) == "channels_last":
         return model
     twin = build_model(dataclasses.replace(config, weights="none", data_format="channels_last"),
-                       image_size, num_classes)
+                       image_size, num_classes, fold=fold)
     twin.set_weights(model.get_weights())
     return twin
 

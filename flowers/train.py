@@ -37,6 +37,7 @@ from flowers.model import (
     build_model,
     compile_model,
     feature_extractor,
+    folds_batchnorm,
     head,
     load_model,
     logits_model,
@@ -211,7 +212,8 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     say(f"model: building {cfg.model.backbone} ({cfg.model.weights} weights) + head, "
         f"{num_classes} classes")
     with engine.scope():
-        model = build_model(cfg.model, cfg.data.image_size, num_classes, cfg.train.seed)
+        model = build_model(cfg.model, cfg.data.image_size, num_classes, cfg.train.seed,
+                            fold=folds_batchnorm(cfg))
         compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     if cfg.finetune.epochs:  # a bad finetune.unfreeze is refused before the run directory exists
         check_unfreeze(model, cfg.finetune.unfreeze)
@@ -249,7 +251,8 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
             files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
         files.write_json(run_dir / "metrics.json", metrics)
         _dedupe_history(run_dir / "history.csv", cfg.train.epochs)
-        save_model(portable(model, cfg.model, cfg.data.image_size, num_classes), run_dir / "model.keras",
+        save_model(portable(model, cfg.model, cfg.data.image_size, num_classes, folds_batchnorm(cfg)),
+                   run_dir / "model.keras",
                    splits.class_names)
         shutil.rmtree(run_dir / "backup", ignore_errors=True)
         (run_dir / "progress.json").unlink(missing_ok=True)
@@ -587,7 +590,7 @@ def _single_device_copy(model: keras.Model, engine: distribute.Engine, cfg: Expe
     """
     trained = engine.local_weights(model)
     engine.release()
-    local = build_model(cfg.model, cfg.data.image_size, num_classes)
+    local = build_model(cfg.model, cfg.data.image_size, num_classes, fold=folds_batchnorm(cfg))
     local.set_weights(trained)
     compile_model(local, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     return local

@@ -52,11 +52,13 @@ NATIVE_TASKS = ("native_forward", "native_train")
 # channels_last only (flowers.backbones) gets no layout variant (see variant_plan).
 VARIANTS = {
     "torch": ("model.data_format=channels_last", "train.jit_compile",
-              "train.dtype_policy=mixed_bfloat16"),
-    "tensorflow": ("train.jit_compile", "train.dtype_policy=mixed_bfloat16"),
-    "jax": ("model.data_format=channels_first", "train.dtype_policy=mixed_bfloat16"),
+              "train.dtype_policy=mixed_bfloat16", "model.fold_batchnorm=false"),
+    "tensorflow": ("train.jit_compile", "train.dtype_policy=mixed_bfloat16",
+                   "model.fold_batchnorm=false"),
+    "jax": ("model.data_format=channels_first", "train.dtype_policy=mixed_bfloat16",
+            "model.fold_batchnorm=false"),
 }
-VARIANT_KEYS = ("model.data_format", "train.jit_compile", "train.dtype_policy")
+VARIANT_KEYS = ("model.data_format", "train.jit_compile", "train.dtype_policy", "model.fold_batchnorm")
 TARGETS = {
     "keras_vs_native_torch": 0.9, "keras_vs_native_tensorflow": 0.95, "tfdata_vs_memory": 0.95,
     "forward_vs_fastest": 0.8, "forward_vs_fastest_small": 0.6, "fastest_peak_share": 0.6,

@@ -1,0 +1,86 @@
+"""model.fold_batchnorm (flowers/fold.py): a frozen backbone's BatchNormalization folded into the
+convolutions before it computes what the unfolded model computes, on every backend, and saves,
+loads and trains like any model."""
+
+import json
+import zipfile
+
+import pytest
+
+from conftest import BACKENDS, FLOWERS12, flowers, python, run_dir_of
+
+CHECK = """
+    import json, sys
+    from pathlib import Path
+    from flowers import backend
+    backend.select("{backend}")
+    import keras, numpy as np
+    from flowers.config import ModelConfig
+    from flowers.data import load_image_files
+    from flowers.model import backbone_of, build_model, fold_classifier, load_model, save_model
+
+    model = build_model(ModelConfig(weights="none"), 64, 5)
+    rng = np.random.default_rng(0)
+    for layer in backbone_of(model).layers:  # statistics far from the defaults (0, 1)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.1, shape),
+                               rng.normal(0, 0.1, shape), rng.uniform(0.5, 2.0, shape)])
+    folded = fold_classifier(model)
+    photos = sorted(Path("{photos}").rglob("*.jpg"))[:8]
+    images = load_image_files([str(p) for p in photos], 64).astype("float32")
+    logits = [keras.ops.convert_to_numpy(m.predict_on_batch(images)) for m in (model, folded)]
+    save_model(folded, "{out}/folded.keras", [str(i) for i in range(5)])
+    loaded, _ = load_model("{out}/folded.keras")
+    again = keras.ops.convert_to_numpy(loaded.predict_on_batch(images))
+    twin = build_model(ModelConfig(weights="none"), 64, 5, fold=True)
+    twin.set_weights(folded.get_weights())
+    print(json.dumps({{
+        "scale": float(np.abs(logits[0]).max()),
+        "diff": float(np.abs(logits[0] - logits[1]).max()),
+        "loaded_diff": float(np.abs(again - keras.ops.convert_to_numpy(
+            keras.ops.softmax(logits[1]))).max()),
+        "batchnorm_left": sum(isinstance(l, keras.layers.BatchNormalization)
+                              for l in backbone_of(folded).layers),
+        "batchnorm_before": sum(isinstance(l, keras.layers.BatchNormalization)
+                                for l in backbone_of(model).layers),
+        "twin_weights": len(twin.get_weights()) == len(folded.get_weights()),
+    }}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_folded_model_computes_the_unfolded_ones_logits(backend, tmp_path):
+    result = python(CHECK.format(backend=backend, photos=FLOWERS12, out=tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (found["batchnorm_before"], found["batchnorm_left"]) == (53, 0)  # ResNet50's 53 pairs
+    assert found["diff"] <= 1e-4 * max(1.0, found["scale"]), found
+    assert found["loaded_diff"] <= 1e-6, found  # saved and loaded: the same probabilities
+    assert found["twin_weights"]  # build_model(fold=True) builds the same weights list
+
+
+def _backbone_layer_classes(model_file) -> set[str]:
+    with zipfile.ZipFile(model_file) as archive:
+        config = json.loads(archive.read("config.json"))
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "class_name" in node and isinstance(node.get("config"), dict):
+                found.add(node["class_name"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(config)
+    return found
+
+
+def test_runs_fold_by_default_and_not_when_switched_off(smoke_runs, tmp_path):
+    assert "BatchNormalization" not in _backbone_layer_classes(smoke_runs["tensorflow"] / "model.keras")
+    unfolded = run_dir_of(flowers("train", "-e", "smoke", "--backend", "tensorflow", "--runs-dir",
+                                  str(tmp_path), "--set", "model.fold_batchnorm=false",
+                                  "--set", "train.epochs=1"))
+    assert "BatchNormalization" in _backbone_layer_classes(unfolded / "model.keras")
