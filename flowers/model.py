@@ -156,7 +156,8 @@ def fold_classifier(model: keras.Model) -> keras.Model:
     """build_model's classifier with its frozen backbone's BatchNormalization layers folded into
     the convolutions before them (flowers.fold); `model` itself when there is none to fold.
 
-    The other layers are shared with `model` (the same weights); the backbone is a folded copy.
+    Every layer is a copy (a layer shared by two models would have two outputs, and
+    feature_extractor reads avg_pool's), with the weights of `model`'s.
     """
     wrapper = next((layer for layer in model.layers if isinstance(layer, InferenceMode)), None)
     if wrapper is None:
@@ -167,8 +168,14 @@ def fold_classifier(model: keras.Model) -> keras.Model:
     replacement = InferenceMode(backbone, name=wrapper.name)
     inputs = keras.Input(batch_shape=model.input.shape, dtype=model.input.dtype,
                          name=model.layers[0].name)
-    return keras.models.clone_model(model, input_tensors=inputs,
-                                    clone_function=lambda layer: replacement if layer is wrapper else layer)
+    folded = keras.models.clone_model(
+        model, input_tensors=inputs,
+        clone_function=lambda layer: replacement if layer is wrapper else
+        layer.__class__.from_config(layer.get_config()))
+    for layer in folded.layers:
+        if layer is not replacement and layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return folded
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
