@@ -185,7 +185,7 @@ def test_layout_variants_are_skipped_for_a_channels_last_only_backbone():
 
     custom = BenchSettings(backbone="experiments.custom_backbone:small_cnn")
     measured, skipped = variant_plan("jax", custom)
-    assert measured == ["train.dtype_policy=mixed_bfloat16"]
+    assert measured == ["train.dtype_policy=mixed_bfloat16", "model.fold_batchnorm=false"]
     assert "channels_last only" in skipped["model.data_format=channels_first"]
     assert "model.data_format=channels_last" in variant_plan("torch", custom)[1]
     assert variant_plan("jax", BenchSettings())[1] == {}
