@@ -11,6 +11,8 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from flowers import host
 from flowers.errors import FlowersError
@@ -157,6 +159,35 @@ def preferred_data_format(name: str) -> str:
     TensorFlow on CPU only runs NHWC convolutions, and XLA (tensorflow, jax) picks its own layout.
     """
     return "channels_first" if name == "torch" else "channels_last"
+
+
+def conv_kernel_storage(name: str, data_format: str) -> Callable[..., Any] | None:
+    """An initializer that makes a Conv2D kernel (kh, kw, in, out) in the memory layout this
+    backend's convolution reads, or None where Keras' own layout serves (flowers.fold).
+
+    Keras-on-torch permutes the kernel to (out, in, kh, kw) on every call, a non-contiguous view
+    that torch's convolution copies (channels_last: into that memory format); stored as the
+    permutation of a contiguous tensor in that order, the view needs no copy. Assigning values
+    keeps a variable's strides. TensorFlow and jax trace the model, and their compilers pick the
+    layouts. The zeros are replaced by the layer's weights.
+    """
+    if name != "torch":
+        return None
+    import numpy as np
+    import torch
+
+    # the order torch's convolution reads: NCHW (out, in, kh, kw) or its channels_last strides
+    order = (3, 2, 0, 1) if data_format == "channels_first" else (3, 0, 1, 2)
+    inverse = tuple(int(i) for i in np.argsort(order))
+
+    def zeros(shape, dtype=None):
+        import keras
+
+        dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
+        stored = torch.zeros([shape[i] for i in order], dtype=getattr(torch, dtype))
+        return stored.permute(inverse)
+
+    return zeros
 
 
 def hide_gpus_from_tensorflow(name: str | None = None) -> None:

@@ -311,7 +311,7 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
 @click.option("--variants", "variant_keys", default="all", show_default=True,
               help="Experiment keys whose other values get a forward variant each: 'all', "
                    "'none' or a comma list of model.data_format, train.jit_compile, "
-                   "train.dtype_policy, model.fold_batchnorm.")
+                   "train.dtype_policy, model.fold_batchnorm, model.backend_kernel_layout.")
 @click.option("--backbone", default="ResNet50", show_default=True,
               help="model.backbone of every measured model: a keras.applications name, "
                    "package.module:function or hub:PRESET (native twins: ResNet50 only).")

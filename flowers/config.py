@@ -65,6 +65,9 @@ class ModelConfig:
     # (flowers/fold.py: the same function in inference mode, fewer ops); only for a backbone frozen
     # the whole run (off with finetune.epochs > 0 or freeze_backbone=false)
     fold_batchnorm: bool = True
+    # store a frozen backbone's convolution kernels in the memory layout the backend's convolution
+    # reads (flowers/fold.py; torch: no kernel copy per call, the same values); the same condition
+    backend_kernel_layout: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Fold a frozen backbone's BatchNormalization layers into the convolutions before them.
+"""Rewrite a frozen backbone for inference: BatchNormalization folded into the convolutions before
+it, and convolution kernels stored in the memory layout the backend's convolution reads.
 
 In inference mode BatchNormalization is an affine map per channel, y = (x - mean) * s + beta with
 s = gamma / sqrt(variance + epsilon). When x is a Conv2D's output that nothing else reads, the two
@@ -6,11 +7,16 @@ are one Conv2D with kernel W * s (per output channel) and bias (b - mean) * s + 
 function up to float rounding, with one layer call and no normalisation ops. Under eager torch each
 BatchNormalization is several eager ops; folded, they are gone (ResNet50: 53 of them).
 
-The transformation is a Keras model clone (keras.models.clone_model with a call_function that
-passes a folded BatchNormalization's input through), so the folded backbone is an ordinary
-functional model of stock layers: it saves, loads and exports like any other. It is only exact for
-a backbone that always runs in inference mode (flowers.model: a frozen backbone) and whose
-BatchNormalization statistics never change (no fine-tuning).
+Keras stores a Conv2D kernel as (kh, kw, in, out) and Keras-on-torch permutes it to torch's
+(out, in, kh, kw) on every call: a non-contiguous view that torch's convolution copies each time.
+The kernel layout rewrite creates each kernel variable in the strides whose permutation is
+contiguous (flowers.backend.conv_kernel_storage); the variable's shape, values and everything saved
+are unchanged, only where its numbers lie in memory.
+
+Both are a Keras model clone (keras.models.clone_model), so the rewritten backbone is an ordinary
+functional model of stock layers: it saves, loads and exports like any other. They are only meant
+for a backbone that always runs in inference mode (flowers.model: a frozen backbone) and whose
+weights never change (no fine-tuning).
 
 Import only after flowers.backend.select(): it imports keras.
 """
@@ -19,9 +25,52 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import keras
 import numpy as np
+
+from flowers import backend
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Which rewrites rewrite_backbone applies (model.fold_batchnorm, model.backend_kernel_layout)."""
+
+    fold_batchnorm: bool = True
+    kernel_layout: bool = True
+
+    def __bool__(self) -> bool:
+        return self.fold_batchnorm or self.kernel_layout
+
+
+NO_REWRITE = Rewrite(False, False)
+EVERY_REWRITE = Rewrite()
+
+
+def clone_with_weights(model: keras.Model, clone_function: Callable, call_function: Callable | None = None,
+                       weights: dict[str, list] | None = None,
+                       keep: Collection[str] = ()) -> keras.Model:
+    """A copy of the functional `model` (keras.models.clone_model with these functions) whose
+    inputs are named as its own, and whose layers take the weights and trainable flag of the
+    same-named layer of `model`: `weights[name]` instead where given, nothing for a name in `keep`
+    (a layer the clone function brought with its weights)."""
+    weights = weights or {}
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
+              for t in model.inputs]
+    copy = keras.models.clone_model(model, input_tensors=inputs if len(inputs) > 1 else inputs[0],
+                                    clone_function=clone_function, call_function=call_function)
+    for layer in copy.layers:
+        if isinstance(layer, keras.layers.InputLayer) or layer.name in keep:
+            continue
+        source = model.get_layer(layer.name)
+        if layer.name in weights:
+            layer.set_weights(weights[layer.name])
+        elif source.weights:
+            layer.set_weights(source.get_weights())
+        layer.trainable = source.trainable
+    return copy
 
 
 def foldable_pairs(model: keras.Model) -> dict[str, str]:
@@ -52,42 +101,47 @@ def foldable_pairs(model: keras.Model) -> dict[str, str]:
     return pairs
 
 
-def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, int]:
-    """A copy of `model` with every foldable BatchNormalization folded (see foldable_pairs), and
-    how many were folded; `model` itself when none is. The copy has the same name, inputs, layer
-    names and trainable flags, less the folded BatchNormalization layers."""
-    pairs = foldable_pairs(model)
-    if not pairs:
-        return model, 0
+def rewrite_backbone(model: keras.Model,
+                     rewrite: Rewrite = EVERY_REWRITE) -> tuple[keras.Model, dict[str, int]]:
+    """A copy of `model` rewritten as `rewrite` says, and what changed: {"folded": BatchNormalization
+    layers folded (see foldable_pairs), "kernels": Conv2D kernels stored in the backend's layout};
+    `model` itself when nothing changes. The copy has the same name, inputs, layer names, weights
+    (up to the folding) and trainable flags, less the folded BatchNormalization layers."""
+    pairs = foldable_pairs(model) if rewrite.fold_batchnorm else {}
+    storage = {}
+    if rewrite.kernel_layout:
+        for layer in model.layers:
+            if type(layer) is keras.layers.Conv2D:
+                made = backend.conv_kernel_storage(keras.backend.backend(), layer.data_format)
+                if made is not None:
+                    storage[layer.name] = made
+    if not pairs and not storage:
+        return model, {"folded": 0, "kernels": 0}
     convs = set(pairs.values())
+    initializers = {}
 
     def clone(layer):
         config = layer.get_config()
         if layer.name in convs:
             config["use_bias"] = True
-        return layer.__class__.from_config(config)
+        copy = layer.__class__.from_config(config)
+        if layer.name in storage:  # the kernel variable is made when the clone builds the layer
+            initializers[layer.name] = copy.kernel_initializer
+            copy.kernel_initializer = storage[layer.name]
+        return copy
 
     def call(layer, *args, **kwargs):
         if layer.name in pairs:  # computed by the convolution before it now
             return args[0]
         return layer(*args, **kwargs)
 
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
-              for t in model.inputs]
-    folded = keras.models.clone_model(model, input_tensors=inputs if len(inputs) > 1 else inputs[0],
-                                      clone_function=clone, call_function=call)
-    bn_of = {conv: bn for bn, conv in pairs.items()}
-    for layer in folded.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        source = model.get_layer(layer.name)
-        if layer.name in bn_of:
-            layer.set_weights(_folded_weights(source, model.get_layer(bn_of[layer.name])))
-        elif source.weights:
-            layer.set_weights(source.get_weights())
-        layer.trainable = source.trainable
-    folded.trainable = model.trainable
-    return folded, len(pairs)
+    weights = {conv: _folded_weights(model.get_layer(conv), model.get_layer(bn))
+               for bn, conv in pairs.items()}
+    rewritten = clone_with_weights(model, clone, call, weights)
+    for name, initializer in initializers.items():  # the saved config names the layer's own
+        rewritten.get_layer(name).kernel_initializer = initializer
+    rewritten.trainable = model.trainable
+    return rewritten, {"folded": len(pairs), "kernels": len(storage)}
 
 
 def _folded_weights(conv, bn) -> list[np.ndarray]:

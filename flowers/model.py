@@ -27,7 +27,7 @@ from flowers import backbones
 from flowers import weights as imagenet_weights
 from flowers.config import Experiment, ModelConfig, resolve_path
 from flowers.errors import FlowersError
-from flowers.fold import fold_batchnorm
+from flowers.fold import EVERY_REWRITE, NO_REWRITE, Rewrite, clone_with_weights, rewrite_backbone
 
 # Extra member stored inside model.keras (keras ignores unknown zip members when loading).
 CLASS_NAMES_MEMBER = "flowers_class_names.json"
@@ -85,7 +85,7 @@ class InferenceMode(keras.layers.Wrapper):
 
 
 def build_model(config: ModelConfig, image_size: int, num_classes: int,
-                seed: int = 0, fold: bool = False) -> keras.Model:
+                seed: int = 0, rewrite: Rewrite = NO_REWRITE) -> keras.Model:
     """Build the classifier: preprocessing -> backbone -> GAP -> Dense relu -> Dropout -> logits.
 
     Args:
@@ -96,8 +96,8 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
             from its own SeedGenerator on every backend, whose state the epoch checkpoint saves, so
             a resumed run draws the masks an uninterrupted one would (unseeded, Keras-on-torch
             takes torch's global generator, which a new process restarts).
-        fold: fold the frozen backbone's BatchNormalization layers (fold_classifier; a run's
-            models fold when folds_batchnorm(experiment) says so).
+        rewrite: the frozen backbone's inference rewrites (rewrite_classifier; a run's models take
+            backbone_rewrite(experiment)).
 
     Returns:
         An uncompiled keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
@@ -141,20 +141,22 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
     # (keras mixed-precision guide)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
     model = keras.Model(inputs, outputs, name=f"flowers_{_identifier(spec.name)}")
-    return fold_classifier(model) if fold else model
+    return rewrite_classifier(model, rewrite) if rewrite else model
 
 
-def folds_batchnorm(experiment: Experiment) -> bool:
-    """Whether a run's model folds its BatchNormalization (model.fold_batchnorm): only a backbone
-    that stays frozen, in inference mode, for the whole run (fine-tuning trains its convolutions
-    with the BatchNormalization after them, and finetune.unfreeze counts its layers)."""
+def backbone_rewrite(experiment: Experiment) -> Rewrite:
+    """The rewrites a run's model gets (model.fold_batchnorm, model.backend_kernel_layout): none
+    unless the backbone stays frozen, in inference mode, for the whole run (fine-tuning trains its
+    convolutions with the BatchNormalization after them, and finetune.unfreeze counts its layers)."""
     m = experiment.model
-    return m.fold_batchnorm and m.freeze_backbone and not experiment.finetune.epochs
+    if not m.freeze_backbone or experiment.finetune.epochs:
+        return NO_REWRITE
+    return Rewrite(fold_batchnorm=m.fold_batchnorm, kernel_layout=m.backend_kernel_layout)
 
 
-def fold_classifier(model: keras.Model) -> keras.Model:
-    """build_model's classifier with its frozen backbone's BatchNormalization layers folded into
-    the convolutions before them (flowers.fold); `model` itself when there is none to fold.
+def rewrite_classifier(model: keras.Model, rewrite: Rewrite = EVERY_REWRITE) -> keras.Model:
+    """build_model's classifier with its frozen backbone rewritten (flowers.fold.rewrite_backbone:
+    BatchNormalization folded, kernels in the backend's layout); `model` itself when nothing changes.
 
     Every layer is a copy (a layer shared by two models would have two outputs, and
     feature_extractor reads avg_pool's), with the weights of `model`'s.
@@ -162,20 +164,13 @@ def fold_classifier(model: keras.Model) -> keras.Model:
     wrapper = next((layer for layer in model.layers if isinstance(layer, InferenceMode)), None)
     if wrapper is None:
         return model
-    backbone, count = fold_batchnorm(wrapper.layer)
-    if not count:
+    backbone, _ = rewrite_backbone(wrapper.layer, rewrite)
+    if backbone is wrapper.layer:
         return model
     replacement = InferenceMode(backbone, name=wrapper.name)
-    inputs = keras.Input(batch_shape=model.input.shape, dtype=model.input.dtype,
-                         name=model.layers[0].name)
-    folded = keras.models.clone_model(
-        model, input_tensors=inputs,
-        clone_function=lambda layer: replacement if layer is wrapper else
-        layer.__class__.from_config(layer.get_config()))
-    for layer in folded.layers:
-        if layer is not replacement and layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    return folded
+    return clone_with_weights(
+        model, lambda layer: replacement if layer is wrapper else
+        layer.__class__.from_config(layer.get_config()), keep={wrapper.name})
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
@@ -255,7 +250,7 @@ def resolve_data_format(config: ModelConfig) -> str:
 
 
 def portable(model: keras.Model, config: ModelConfig, image_size: int, num_classes: int,
-             fold: bool = False) -> keras.Model:
+             rewrite: Rewrite = NO_REWRITE) -> keras.Model:
     """The model in the channels_last layout every backend and exporter can run (same weights).
 
     Keras stores kernels in one layout whatever data_format a layer computes in, so the weights
@@ -264,7 +259,7 @@ def portable(model: keras.Model, config: ModelConfig, image_size: int, num_class
     if resolve_data_format(config) == "channels_last":
         return model
     twin = build_model(dataclasses.replace(config, weights="none", data_format="channels_last"),
-                       image_size, num_classes, fold=fold)
+                       image_size, num_classes, rewrite=rewrite)
     twin.set_weights(model.get_weights())
     return twin
 

@@ -34,10 +34,10 @@ from flowers.errors import FlowersError
 from flowers.metrics import HostMemorySampler, build_metrics, latency_ms, throughput
 from flowers.model import (
     backbone_of,
+    backbone_rewrite,
     build_model,
     compile_model,
     feature_extractor,
-    folds_batchnorm,
     head,
     load_model,
     logits_model,
@@ -213,7 +213,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         f"{num_classes} classes")
     with engine.scope():
         model = build_model(cfg.model, cfg.data.image_size, num_classes, cfg.train.seed,
-                            fold=folds_batchnorm(cfg))
+                            rewrite=backbone_rewrite(cfg))
         compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     if cfg.finetune.epochs:  # a bad finetune.unfreeze is refused before the run directory exists
         check_unfreeze(model, cfg.finetune.unfreeze)
@@ -251,7 +251,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
             files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
         files.write_json(run_dir / "metrics.json", metrics)
         _dedupe_history(run_dir / "history.csv", cfg.train.epochs)
-        save_model(portable(model, cfg.model, cfg.data.image_size, num_classes, folds_batchnorm(cfg)),
+        save_model(portable(model, cfg.model, cfg.data.image_size, num_classes, backbone_rewrite(cfg)),
                    run_dir / "model.keras",
                    splits.class_names)
         shutil.rmtree(run_dir / "backup", ignore_errors=True)
@@ -590,7 +590,7 @@ def _single_device_copy(model: keras.Model, engine: distribute.Engine, cfg: Expe
     """
     trained = engine.local_weights(model)
     engine.release()
-    local = build_model(cfg.model, cfg.data.image_size, num_classes, fold=folds_batchnorm(cfg))
+    local = build_model(cfg.model, cfg.data.image_size, num_classes, rewrite=backbone_rewrite(cfg))
     local.set_weights(trained)
     compile_model(local, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     return local

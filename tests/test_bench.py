@@ -128,6 +128,28 @@ def test_bench_reports_the_bf16_peak_or_why_there_is_none(tiny_bench):
     assert "bf16 peak: " in text
 
 
+def test_a_bf16_miss_says_when_the_cpus_bf16_peak_cannot_reach_the_goal(tiny_bench):
+    import copy
+
+    from flowers.bench.render import targets_table
+    from flowers.bench.run import BF16_VARIANT, evaluate_targets
+
+    results = copy.deepcopy(tiny_bench[0])
+    for f in results["backends"].values():
+        f["variants"][BF16_VARIANT] = {"median": 1.0, "vs_default": 1.5}
+    fp32 = results["peak"]["fp32_gflops"]
+    for ratio, why in ((2.0, "out of reach on this CPU: its bf16 peak"), (16.0, None)):  # AVX512-BF16, AMX
+        results["peak"].update(native_bf16=True, bf16_gflops=ratio * fp32)
+        targets = evaluate_targets(results)
+        (row,) = [t for t in targets if "mixed_bfloat16 / float32" in t["target"]]
+        assert row["met"] is False and row["value"] == 1.5, row
+        if why:
+            assert row["why"].startswith(why) and "2.0× its FP32 peak" in row["why"], row
+            assert f"| NO: {row['why']} |" in targets_table(targets)
+        else:  # reachable: a plain miss
+            assert "why" not in row
+
+
 def test_bench_markdown_has_every_figure(tiny_bench):
     _, text = tiny_bench
     for row in ("forward img/s, batch 1", "fit img/s, tf.data pipeline", "keras / native",

@@ -125,7 +125,8 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
     return markdown_table(["target", "goal", "measured", "met"], (
         [t["target"], f"{'≥' if t['better'] == 'higher' else '≤'} {t['goal']}",
          f"n/a: {t['reason']}" if t.get("reason") else _num(t["value"]),
-         "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")]
+         "n/a" if t["met"] is None else ("yes" if t["met"] else
+                                         f"NO: {t['why']}" if t.get("why") else "NO")]
         for t in targets))
 
 

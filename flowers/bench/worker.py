@@ -44,7 +44,7 @@ class Worker:
             pass
         self.images, self.labels = (np.array(t) for t in next(iter(splits.train)))
         self.models: dict[str, Any] = {}
-        self.unfolded = None  # the first model built, before folding (see _build)
+        self.original = None  # the first model built, before its rewrite (see _build)
         # self.model trains (it returns logits); the forward figures time what users run, the
         # probability-returning model, which shares its weights.
         self.model = self.models[""] = self._build("")
@@ -149,22 +149,22 @@ class Worker:
         return tf.image.resize(self.images, (size, size)).numpy()
 
     def _build(self, overrides: str, image_size: int | None = None):
-        """The model with variant overrides ("section.key=value,..."), compiled; the weights of the
-        main model (every weight's shape is independent of the image side)."""
-        from flowers.model import build_model, compile_model, fold_classifier, folds_batchnorm
+        """The model with variant overrides ("section.key=value,..."), compiled, with the weights of
+        the first model built here before its rewrite (every weight's shape is independent of the
+        image side)."""
+        from flowers.model import backbone_rewrite, build_model, compile_model, rewrite_classifier
 
         experiment = self._experiment(overrides)
         self.keras.config.set_dtype_policy(experiment.train.dtype_policy)
         try:
             model = build_model(experiment.model, image_size or self.image_size, self.num_classes)
-            # Every model starts from the first one's weights, unfolded (the native twins copy
-            # those); then it folds its BatchNormalization as a run would (model.fold_batchnorm).
-            if self.unfolded is None:
-                self.unfolded = model
+            # Every model starts from the first one's weights, unrewritten (the native twins copy
+            # those); then its backbone is rewritten as a run's would be (backbone_rewrite).
+            if self.original is None:
+                self.original = model
             else:
-                model.set_weights(self.unfolded.get_weights())
-            if folds_batchnorm(experiment):
-                model = fold_classifier(model)
+                model.set_weights(self.original.get_weights())
+            model = rewrite_classifier(model, backbone_rewrite(experiment))
             compile_model(model, 1e-3, self.num_classes, experiment.train.jit_compile)
         finally:
             self.keras.config.set_dtype_policy("float32")
@@ -192,7 +192,7 @@ class Worker:
             factory = self._native_factory()
             if factory is None:
                 raise ValueError(f"no native baseline for {self.backend}")
-            self.natives["native"] = factory(self.unfolded, 1e-3)
+            self.natives["native"] = factory(self.original, 1e-3)
             if compare:
                 self.native_differences = native.differences(self.model, self.natives["native"],
                                                              self.images)

@@ -68,7 +68,13 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     """Predict, then train from the saved init, under request["backend"] (see the module docstring)."""
     import keras
 
-    from flowers.model import build_model, compile_model, fold_classifier, folds_batchnorm, with_probabilities
+    from flowers.model import (
+        backbone_rewrite,
+        build_model,
+        compile_model,
+        rewrite_classifier,
+        with_probabilities,
+    )
 
     name = request["backend"]
     work_dir = Path(request["work_dir"])
@@ -98,8 +104,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                     f"the same for every photo (spread {spread:.1e}, even after calibrating "
                     f"{calibrated} BatchNormalization layers on the photos); the comparison would "
                     "test nothing")
-    if folds_batchnorm(experiment):  # as a run folds it (after any calibration: that needs them)
-        model = fold_classifier(model)
+    # rewritten as a run's model is (after any calibration: that needs the BatchNormalization)
+    model = rewrite_classifier(model, backbone_rewrite(experiment))
     if request["create"]:
         model.save_weights(work_dir / INIT_WEIGHTS_FILE)
     model.load_weights(work_dir / INIT_WEIGHTS_FILE)
