@@ -110,7 +110,7 @@ def keep_freed_memory() -> bool:
 
 
 # OpenMP busy-wait iterations before an idle torch thread sleeps (libgomp's default is 300,000)
-OPENMP_SPINCOUNT = "100000"
+OPENMP_SPINCOUNT = "30000"
 
 
 def bounded_openmp_spin() -> bool:
@@ -118,12 +118,13 @@ def bounded_openmp_spin() -> bool:
 
     Eager torch runs every op as its own OpenMP region; between them libgomp's threads spin for
     up to 300,000 iterations before sleeping. On a CPU that other processes also use, those spins
-    take the cores the work needs: with one busy process per core, Keras-on-torch ResNet50 forward
-    at 64 px ran 10.7x slower than quiet (tensorflow 2.0x). With 100,000 it ran 3.9x slower, at
-    the quiet speed of the default (`flowers bench --contention`; OMP_WAIT_POLICY=PASSIVE, no
-    spinning, ran 3.0x slower but cost 17% quiet). Must be set before torch loads libgomp (select()
-    runs before keras is imported). A GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins;
-    FLOWERS_OPENMP_SPIN=0 leaves libgomp's default. Returns whether the setting was applied.
+    take the cores the work needs. With one busy process per core, Keras-on-torch ResNet50 forward
+    at 224 px, batch 1, ran 7-10x slower than quiet with 100,000 spins and 3.7-4.8x with 30,000, at
+    the same quiet speed (2-core AMD EPYC Zen 3; tensorflow 1.5x). Fewer spins cost quiet speed:
+    10,000 5-15%, 300 or OMP_WAIT_POLICY=PASSIVE (no spinning) 25-30%, for a 2.6-2.8x slowdown.
+    Must be set before torch loads libgomp (select() runs before keras is imported). A
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins; FLOWERS_OPENMP_SPIN=0 leaves
+    libgomp's default. Returns whether the setting was applied.
     """
     if os.environ.get("FLOWERS_OPENMP_SPIN", "1") == "0" or "torch" in sys.modules:
         return False

@@ -399,7 +399,7 @@ def test_cpu_peak_counts_physical_cores_and_says_when_fma_units_are_assumed(monk
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({}, "100000"),                              # on by default for torch
+    ({}, "30000"),                               # on by default for torch
     ({"FLOWERS_OPENMP_SPIN": "0"}, None),        # switched off: libgomp's own default
     ({"GOMP_SPINCOUNT": "7"}, "7"),              # the user's own setting wins
     ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
