@@ -121,7 +121,7 @@ def bounded_openmp_spin() -> bool:
     take the cores the work needs. With one busy process per core, Keras-on-torch ResNet50 forward
     at 224 px, batch 1, ran 7-10x slower than quiet with 100,000 spins and 3.7-4.8x with 30,000, at
     the same quiet speed (2-core AMD EPYC Zen 3; tensorflow 1.5x). Fewer spins cost quiet speed:
-    10,000 5-15%, 300 or OMP_WAIT_POLICY=PASSIVE (no spinning) 25-30%, for a 2.6-2.8x slowdown.
+    10,000 5-15%, 300 or OMP_WAIT_POLICY=PASSIVE (no spinning) 25-32%, for a 2.6-2.8x slowdown.
     Must be set before torch loads libgomp (select() runs before keras is imported). A
     GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins; FLOWERS_OPENMP_SPIN=0 leaves
     libgomp's default. Returns whether the setting was applied.
