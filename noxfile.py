@@ -5,6 +5,8 @@
     nox -s train-torch -- --cpu                    # force CPU builds (--gpu forces CUDA builds)
     nox -s tests                                   # the test suite (what .ci/run runs)
     nox -s train-torch train-tensorflow train-jax compare -- --experiment smoke   # matrix + report
+    nox -s train-torch train-tensorflow train-jax compare -- -e flowers12 --seeds 3   # 3 seeds each,
+                                                   # then the paired report (README, Honest comparisons)
     nox -s compare -- --experiment smoke           # report from the runs already there
     nox -s parity -- --image-size 64               # same weights, same photos, every backend
     nox -s bench -- --backends torch,tensorflow    # speed and memory vs native code and the CPU peak
@@ -78,7 +80,7 @@ for _backend in BACKENDS:
 # `flowers train` options that mean nothing to `flowers compare` (option -> takes a value): dropped
 # so that one set of posargs can drive `nox -s train-torch train-jax compare -- ...`.
 TRAIN_ONLY_OPTIONS = {"--set": True, "--resume": False, "--backend": True, "--cpu": False,
-                      "--gpu": False, "--distribute": True}
+                      "--gpu": False, "--distribute": True, "--seeds": True}
 
 
 def compare_args(posargs: list[str]) -> list[str]:

@@ -191,6 +191,35 @@ def conv_kernel_storage(name: str, data_format: str) -> Callable[..., Any] | Non
     return zeros
 
 
+def deterministic_kernels(name: str, requested: bool) -> dict[str, Any]:
+    """train.deterministic: turn on the framework's deterministic-kernel switch; what was done.
+
+    TensorFlow: op determinism (also makes tf.data deterministic); torch:
+    use_deterministic_algorithms (CUBLAS_WORKSPACE_CONFIG set for cuBLAS, before CUDA starts); jax:
+    XLA's --xla_gpu_deterministic_ops (read when jax starts its GPU backend, so set before the
+    first computation). On a CPU these kernels are deterministic already: only recorded.
+    """
+    if not requested:
+        return {"requested": False, "applied": None}
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        applied = "tf.config.experimental.enable_op_determinism()"
+    elif name == "torch":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        applied = "torch.use_deterministic_algorithms(True)"
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "--xla_gpu_deterministic_ops" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+        applied = "XLA_FLAGS=--xla_gpu_deterministic_ops=true"
+    return {"requested": True, "applied": applied}
+
+
 def hide_gpus_from_tensorflow(name: str | None = None) -> None:
     """Keep TensorFlow off the GPU when it is not the training backend `name` (always when None).
 

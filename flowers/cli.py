@@ -81,18 +81,27 @@ def info() -> None:
               help="Continue the newest unfinished run of this experiment and backend.")
 @click.option("--distribute", type=click.Choice(["none", "data-parallel"]), default=None,
               help="Data-parallel training over every device and process (train.distribution).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train N runs, one after the other: seeds train.seed, train.seed+1, ... "
+                   "(flowers compare reports the seed-to-seed spread and paired tests).")
 @runs_dir_option
 def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...], resume: bool,
-          distribute: str | None, runs_dir: Path | None) -> None:
+          distribute: str | None, seeds: int, runs_dir: Path | None) -> None:
     """Train an experiment; the last line printed is the run directory.
 
     With --resume the unfinished run continues with the settings it was started with; a --set
     that changes one of them is refused. With --distribute data-parallel every process of the
     cluster (torchrun, KERAS_DISTRIBUTION_*, Vertex AI's CLUSTER_SPEC) runs this same command.
+    With --seeds N each seed is a complete run directory of its own, printed as it finishes.
     """
     if distribute:
         overrides = (*overrides, f"train.distribution={distribute.replace('-', '_')}")
+    if resume and seeds > 1:
+        raise FlowersError("--resume continues one unfinished run: leave out --seeds (the seeds "
+                           "after it can be trained with --set train.seed=N --seeds M)")
     exp = config.load_experiment(experiment, () if resume else overrides)
+    experiments = [config.apply_overrides(exp, [f"train.seed={exp.train.seed + i}"])
+                   for i in range(seeds)] if seeds > 1 else [exp]
     name = backend.check_name(backend_name or DEFAULT_BACKEND)
     root = runs.runs_root(runs_dir)
     files.check_writable(root, "--runs-dir")
@@ -103,24 +112,30 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     gpu_warning = backend.gpu_warning(name)
     if gpu_warning:
         click.echo(f"warning: {gpu_warning}", err=True)
-    from flowers.train import train as run_training
+    from flowers.train import train_seeds
 
     try:
-        run_dir = run_training(exp, name, root, resume_dir=resume_dir, progress=click.echo)
+        for run_dir in train_seeds(experiments, name, root, resume_dir=resume_dir, progress=click.echo):
+            _report_run(run_dir)
     except interrupt.Interrupted as stop:
         if stop.hint:
             again = f"flowers train -e {experiment} --backend {name} --resume" + \
                 (f" --runs-dir {runs_dir}" if runs_dir else "")
             stop.hint += f"; continue it with: {again}"
         raise
+
+
+def _report_run(run_dir: Path) -> None:
+    """The lines `flowers train` ends each run with: its scores, then its directory."""
     cluster = distribute_lib.detect_cluster()
     if not cluster.is_chief:
         click.echo(f"process {cluster.process_id} of {cluster.num_processes}: training done; "
                    f"process 0 evaluates and writes {run_dir}")
         return
     metrics = files.read_json(run_dir / "metrics.json")
-    click.echo(f"val_accuracy={metrics['val_accuracy']:.4f} val_loss={metrics['val_loss']:.4f} "
-               f"train_time_s={metrics['train_time_s']:.1f} device={metrics['device']}")
+    click.echo(f"seed={metrics['seed']} val_accuracy={metrics['val_accuracy']:.4f} "
+               f"val_loss={metrics['val_loss']:.4f} train_time_s={metrics['train_time_s']:.1f} "
+               f"device={metrics['device']}")
     click.echo(str(run_dir))
 
 
@@ -146,8 +161,9 @@ out_option = click.option(
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--experiment", "-e", default=None,
-              help="Compare the newest complete runs of this experiment, one per backend, that "
-                   "share one configuration (others are named as left out).")
+              help="Compare the newest complete runs of this experiment that share one "
+                   "configuration: per backend, the newest run of each seed (others are named as "
+                   "left out).")
 @out_option
 @click.option("--allow-mixed", is_flag=True,
               help="Compare runs with different settings or devices (the report says so).")
@@ -156,8 +172,9 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
             runs_dir: Path | None) -> None:
     """Compare runs side by side: OUT/<experiment>/comparison.md, charts, CSV and JSON.
 
-    Give --experiment NAME (the newest complete runs, one per backend, with the same settings and
-    device) or RUN_DIR arguments. The last line printed is the path of comparison.md.
+    Give --experiment NAME (the newest complete runs with the same settings but the seed and the
+    same device: per backend, the newest of each seed) or RUN_DIR arguments (at most one per backend
+    and seed). The last line printed is the path of comparison.md.
     """
     from flowers import report
 
@@ -166,8 +183,8 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
     files.check_writable(report.reports_root(out), "--out")
     if not run_dirs:
         if not experiment:
-            raise FlowersError("nothing to compare: give --experiment NAME (newest complete run "
-                               "per backend) or RUN_DIR arguments")
+            raise FlowersError("nothing to compare: give --experiment NAME (newest complete runs "
+                               "per backend and seed) or RUN_DIR arguments")
         chosen, left_out = report.newest_runs(runs.runs_root(runs_dir), experiment)
         for line in left_out:
             click.echo(line)

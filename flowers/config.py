@@ -97,6 +97,12 @@ class TrainConfig:
     # also checkpoint every this many training steps inside an epoch, so a kill loses at most that
     # many steps; --resume continues mid-epoch with the batches left (0 = after each epoch only)
     checkpoint_every_steps: int = 0
+    # the same initial weights and dropout masks for one seed under every backend
+    # (flowers/randomness.py); off: each backend draws its own (as Keras does)
+    portable_random: bool = True
+    # each framework's deterministic-kernel switch (TensorFlow op determinism,
+    # torch.use_deterministic_algorithms, XLA's deterministic GPU ops); on a CPU only recorded
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

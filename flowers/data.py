@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,9 @@ class Splits:
     split_dirs: tuple[str, str] | None = None
     # whole batches only (data-parallel training: every replica gets an equal share of each batch)
     drop_remainder: bool = False
+    # what each validation image is, in the split's order: its path in the data folder ("" when
+    # the source has no files), kept when the images themselves are decoded into memory
+    val_items: tuple[str, ...] = ()
 
     @property
     def num_train(self) -> int:
@@ -177,6 +181,9 @@ def load(config: DataConfig, batch_size: int, seed: int) -> Splits:
             dataset that must be downloaded while there is no network.
     """
     train, val, class_names, skipped, split_dirs = index(config, seed)
+    root = source_kind(config.source)[1]
+    val_items = tuple(os.path.relpath(str(p), root) for p in val.items) if val.kind == "path" \
+        else ("",) * len(val)
     image_bytes = (len(train) + len(val)) * config.image_size**2 * 3
     cached = train.kind == "array" or (config.cache and _fits_in_memory(image_bytes))
     if cached:
@@ -184,7 +191,7 @@ def load(config: DataConfig, batch_size: int, seed: int) -> Splits:
     return Splits(train_examples=train, val_examples=val, class_names=list(class_names),
                   image_size=config.image_size, batch_size=batch_size, seed=seed,
                   augment=config.augment, skipped_files=skipped, cached=cached,
-                  split_dirs=split_dirs)
+                  split_dirs=split_dirs, val_items=val_items)
 
 
 def index(config: DataConfig, seed: int):

@@ -18,6 +18,13 @@ How each figure is measured (the same code runs under torch, tensorflow and jax)
 - eval_time_s: one model.evaluate over the validation split.
 - latency_ms: predict_on_batch on real validation images at batch 1 and 32; 3 untimed warm-up
   calls, then train.latency_repeats timed calls; p50 and p95 of those.
+- seed: train.seed. portable_random: whether the initial weights and dropout masks were the
+  backend-independent ones (flowers/randomness.py), how many weights were drawn and loaded, the
+  portable dropout layers and any random layer that trains with the backend's own draws.
+  deterministic: train.deterministic and the switch it turned on.
+- predictions.csv (beside metrics.json): the final model on every validation image, in the split's
+  stored order: index, item (the file's path in the data folder, else empty), label, predicted,
+  p_true (the probability of the true class). flowers compare pairs runs by these rows.
 A figure that cannot be measured is null and its reason is in null_reasons; never 0, never omitted.
 """
 
@@ -39,10 +46,11 @@ LATENCY_WARMUP_CALLS = 3
 LATENCY_KEYS = ("batch1_p50", "batch1_p95", "batch32_p50", "batch32_p95")
 # Every metrics.json has exactly these keys (plus null_reasons); report.py relies on it.
 METRIC_KEYS = (
-    "experiment", "backend", "backend_version", "keras_version", "tensorflow_version",
+    "experiment", "seed", "backend", "backend_version", "keras_version", "tensorflow_version",
     "python_version", "device", "host", "config_hash", "run_id", "created", "resumed",
     "num_train", "num_val", "num_classes", "skipped_files", "data_cached",
     "backbone", "data_format", "jit_compile", "dtype_policy", "distribution", "replicas", "processes",
+    "portable_random", "deterministic",
     "epochs", "finetune_epochs", "phase_times_s", "early_stopping", "feature_extraction_s", "train_time_s",
     "epoch_times_s", "first_epoch_s", "warmup_epochs",
     "train_images_per_s",
@@ -151,6 +159,9 @@ def read_metrics(path: Path) -> dict[str, Any]:
     metrics.setdefault("finetune_epochs", 0)
     metrics.setdefault("phase_times_s", {"head": metrics.get("train_time_s")})
     metrics.setdefault("early_stopping", None)  # runs from before train.early_stopping_patience
+    # Runs from before train.portable_random: each backend drew its own weights and masks.
+    metrics.setdefault("portable_random", {"enabled": False})
+    metrics.setdefault("deterministic", {"requested": False, "applied": None})
     missing = [k for k in (*METRIC_KEYS, "null_reasons") if k not in metrics]
     if missing:
         raise FlowersError(f"{path}: metrics.json lacks {', '.join(missing)}")

@@ -15,6 +15,7 @@ Import this module only after flowers.backend.select(): it imports keras.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import keras
 
-from flowers import backbones
+from flowers import backbones, randomness
 from flowers import weights as imagenet_weights
 from flowers.config import Experiment, ModelConfig, resolve_path
 from flowers.errors import FlowersError
@@ -85,7 +86,8 @@ class InferenceMode(keras.layers.Wrapper):
 
 
 def build_model(config: ModelConfig, image_size: int, num_classes: int,
-                seed: int = 0, rewrite: Rewrite = NO_REWRITE) -> keras.Model:
+                seed: int = 0, rewrite: Rewrite = NO_REWRITE,
+                portable_random: bool = False) -> keras.Model:
     """Build the classifier: preprocessing -> backbone -> GAP -> Dense relu -> Dropout -> logits.
 
     Args:
@@ -98,6 +100,9 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
             takes torch's global generator, which a new process restarts).
         rewrite: the frozen backbone's inference rewrites (rewrite_classifier; a run's models take
             backbone_rewrite(experiment)).
+        portable_random: train.portable_random: every weight not loaded from a file is drawn from
+            (seed, its path) and every Dropout that trains is a PortableDropout, so the model starts
+            and trains with the same random numbers under every backend (flowers/randomness.py).
 
     Returns:
         An uncompiled keras.Model taking float RGB images [N, image_size, image_size, 3] in 0..255
@@ -105,8 +110,9 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
         the probability-returning model that is saved and exported.
 
     Raises:
-        FlowersError: fewer than 2 classes, an unusable backbone, ImageNet weights unavailable, or
-            an unusable weights file.
+        FlowersError: fewer than 2 classes, an unusable backbone, ImageNet weights unavailable,
+            an unusable weights file, or (portable_random) a weight initializer with no portable
+            implementation.
     """
     if num_classes < 2:
         raise FlowersError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
@@ -116,6 +122,19 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
     if weights not in ("none", "imagenet"):
         weights = str(resolve_path(weights))
 
+    recording = randomness.recording_initializers() if portable_random else contextlib.nullcontext({})
+    with recording as initializers:
+        model, backbone = _classifier(config, spec, weights, image_size, num_classes, seed,
+                                      portable_random)
+    if portable_random:
+        randomness.initialize(model, seed, initializers,
+                              loaded=backbone.weights if weights != "none" else ())
+    return rewrite_classifier(model, rewrite) if rewrite else model
+
+
+def _classifier(config: ModelConfig, spec: backbones.Backbone, weights: str, image_size: int,
+                num_classes: int, seed: int, portable_random: bool) -> tuple[keras.Model, keras.Model]:
+    """build_model's graph: (the classifier, its backbone)."""
     data_format = resolve_data_format(config)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = inputs
@@ -126,6 +145,8 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
     if data_format == "channels_first":
         x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
     backbone = backbones.build(spec, weights, image_size, data_format)
+    if portable_random and not config.freeze_backbone:  # its random layers run in training mode
+        backbone = clone_with_weights(backbone, lambda layer: randomness.portable_layer(layer, seed))
     backbone.trainable = not config.freeze_backbone
     # A frozen backbone runs in inference mode (its BatchNormalization and Dropout layers; the
     # transfer-learning rule), also while fine-tuning unfreezes layers of this same graph.
@@ -136,12 +157,12 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
     else:  # a custom backbone that pools its own features
         x = keras.layers.Identity(name="avg_pool")(x)
     x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(config.dropout, seed=seed, name="head_dropout")(x)
+    x = (randomness.PortableDropout(config.dropout, seed, name="head_dropout") if portable_random
+         else keras.layers.Dropout(config.dropout, seed=seed, name="head_dropout"))(x)
     # float32 logits even under a mixed-precision policy, so the loss is computed in float32
     # (keras mixed-precision guide)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
-    model = keras.Model(inputs, outputs, name=f"flowers_{_identifier(spec.name)}")
-    return rewrite_classifier(model, rewrite) if rewrite else model
+    return keras.Model(inputs, outputs, name=f"flowers_{_identifier(spec.name)}"), backbone
 
 
 def backbone_rewrite(experiment: Experiment) -> Rewrite:
@@ -259,9 +280,15 @@ def portable(model: keras.Model, config: ModelConfig, image_size: int, num_class
     if resolve_data_format(config) == "channels_last":
         return model
     twin = build_model(dataclasses.replace(config, weights="none", data_format="channels_last"),
-                       image_size, num_classes, rewrite=rewrite)
+                       image_size, num_classes, rewrite=rewrite,
+                       portable_random=uses_portable_dropout(model))
     twin.set_weights(model.get_weights())
     return twin
+
+
+def uses_portable_dropout(model: keras.Model) -> bool:
+    """Whether `model` was built with portable_random (its head Dropout is a PortableDropout)."""
+    return any(isinstance(layer, randomness.PortableDropout) for layer in model.layers)
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

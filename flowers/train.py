@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,19 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backbones, backend, data, distribute, faults, files, host, interrupt, runs, weights
+from flowers import (
+    backbones,
+    backend,
+    data,
+    distribute,
+    faults,
+    files,
+    host,
+    interrupt,
+    randomness,
+    runs,
+    weights,
+)
 from flowers.checkpoint import (
     WEIGHTS_FILE,
     EpochCheckpoint,
@@ -46,6 +59,8 @@ from flowers.model import (
     save_model,
     with_probabilities,
 )
+
+PREDICTIONS_FILE = "predictions.csv"
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -157,6 +172,7 @@ class Measured:
     scores: dict[str, float]
     eval_time_s: float
     latency_ms: dict[str, float]
+    predictions: np.ndarray  # probabilities [num_val, num_classes], the validation split's order
 
 
 def train(experiment: Experiment, backend_name: str, runs_root: Path,
@@ -189,6 +205,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         say = _silent
     if summary := engine.summary(cfg.train.batch_size):
         say(summary)
+    determinism = backend.deterministic_kernels(backend_name, cfg.train.deterministic)
     keras.utils.set_random_seed(cfg.train.seed)
     keras.config.set_dtype_policy(cfg.train.dtype_policy)
     backend.hide_gpus_from_tensorflow(backend_name)
@@ -213,8 +230,9 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         f"{num_classes} classes")
     with engine.scope():
         model = build_model(cfg.model, cfg.data.image_size, num_classes, cfg.train.seed,
-                            rewrite=backbone_rewrite(cfg))
+                            rewrite=backbone_rewrite(cfg), portable_random=cfg.train.portable_random)
         compile_model(model, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
+    random_draws = _random_draws(model, cfg)
     if cfg.finetune.epochs:  # a bad finetune.unfreeze is refused before the run directory exists
         check_unfreeze(model, cfg.finetune.unfreeze)
 
@@ -246,7 +264,9 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
             say("evaluate: validation split, then latency")
             measured = measure(model, splits, cfg)
         metrics = _metrics(cfg, backend_name, run_dir, fit_splits, engine, fitted, measured,
-                           host_memory.peak_mb, resumed=resume_dir is not None)
+                           host_memory.peak_mb, resumed=resume_dir is not None,
+                           random_draws={"portable_random": random_draws, "deterministic": determinism})
+        write_predictions(run_dir / PREDICTIONS_FILE, measured.predictions, splits)
         if splits.skipped_files:
             files.write_json(run_dir / "skipped_files.json", splits.skipped_files)
         files.write_json(run_dir / "metrics.json", metrics)
@@ -258,6 +278,23 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         (run_dir / "progress.json").unlink(missing_ok=True)
         faults.point("run-saved")
         return runs.finalize(run_dir)
+
+
+def train_seeds(experiments: Sequence[Experiment], backend_name: str, runs_root: Path,
+                resume_dir: Path | None = None,
+                progress: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """train() each experiment in turn (`flowers train --seeds N`: the same settings, seeds
+    train.seed, train.seed+1, ...); yields each final run directory as it is written.
+
+    Keras' session is cleared between runs, so automatically named layers (and so the weights'
+    paths, which key their portable initial values) are the same as in a run of that seed alone.
+    """
+    for index, experiment in enumerate(experiments):
+        if index:
+            keras.backend.clear_session()
+        if progress and len(experiments) > 1:
+            progress(f"seed {experiment.train.seed} ({index + 1} of {len(experiments)})")
+        yield train(experiment, backend_name, runs_root, resume_dir=resume_dir, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -590,7 +627,8 @@ def _single_device_copy(model: keras.Model, engine: distribute.Engine, cfg: Expe
     """
     trained = engine.local_weights(model)
     engine.release()
-    local = build_model(cfg.model, cfg.data.image_size, num_classes, rewrite=backbone_rewrite(cfg))
+    local = build_model(cfg.model, cfg.data.image_size, num_classes, rewrite=backbone_rewrite(cfg),
+                        portable_random=cfg.train.portable_random)
     local.set_weights(trained)
     compile_model(local, cfg.train.learning_rate, num_classes, cfg.train.jit_compile)
     return local
@@ -611,12 +649,35 @@ def measure(model: keras.Model, splits: data.Splits, cfg: Experiment) -> Measure
     # timed on what users deploy: the model that returns probabilities
     latency = latency_ms(with_probabilities(model).predict_on_batch, sample_images,
                          cfg.train.latency_repeats)
-    return Measured(scores, eval_time_s, latency)
+    predictions = np.concatenate([np.asarray(with_probabilities(model).predict_on_batch(x.numpy()))
+                                  for x, _ in splits.val])
+    return Measured(scores, eval_time_s, latency, predictions)
+
+
+def write_predictions(path: Path, probabilities: np.ndarray, splits: data.Splits) -> None:
+    """predictions.csv: every validation image in the split's order (flowers/metrics.py)."""
+    labels = splits.val_examples.labels
+    items = splits.val_items or ("",) * len(labels)
+    predicted = probabilities.argmax(axis=1)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["index", "item", "label", "predicted", "p_true"])
+    writer.writerows([index, item, int(label), int(guess), repr(float(probabilities[index, label]))]
+                     for index, (item, label, guess) in enumerate(zip(items, labels, predicted,
+                                                                      strict=True)))
+    files.write_text(path, text.getvalue())
+
+
+def _random_draws(model: keras.Model, cfg: Experiment) -> dict[str, Any]:
+    """metrics.json "portable_random" (flowers/randomness.py) of the model a run builds."""
+    frozen = [backbone_of(model)] if cfg.model.freeze_backbone else []
+    loaded = len(backbone_of(model).weights) if cfg.model.weights != "none" else 0
+    return randomness.summary(model, cfg.train.portable_random, frozen, loaded)
 
 
 def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Splits,
              engine: distribute.Engine, fitted: Fitted, measured: Measured, peak_host_rss_mb: float,
-             resumed: bool) -> dict[str, Any]:
+             resumed: bool, random_draws: dict[str, Any]) -> dict[str, Any]:
     """metrics.json of a finished run (schema and method: flowers/metrics.py)."""
     peak_device_mb, device_reason = backend.peak_device_memory_mb(backend_name)
     timer = fitted.timer
@@ -640,6 +701,7 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
                                         "train.early_stopping_patience is 0 (off)")) if r}
     return build_metrics({
         "experiment": cfg.name,
+        "seed": cfg.train.seed,
         "backend": backend_name,
         **backend.versions(backend_name),
         "device": backend.device(backend_name),
@@ -660,6 +722,7 @@ def _metrics(cfg: Experiment, backend_name: str, run_dir: Path, splits: data.Spl
         "distribution": engine.distribution,
         "replicas": engine.replicas,
         "processes": engine.processes,
+        **random_draws,
         "epochs": len(epochs_run),
         "finetune_epochs": cfg.finetune.epochs,
         "phase_times_s": phase_times,
