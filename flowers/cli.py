@@ -101,13 +101,14 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
                            "after it can be trained with --set train.seed=N --seeds M)")
     exp = config.load_experiment(experiment, () if resume else overrides)
     experiments = [config.apply_overrides(exp, [f"train.seed={exp.train.seed + i}"])
-                   for i in range(seeds)] if seeds > 1 else [exp]
+                   for i in range(seeds)]
     name = backend.check_name(backend_name or DEFAULT_BACKEND)
     root = runs.runs_root(runs_dir)
     files.check_writable(root, "--runs-dir")
     resume_dir = None
     if resume:  # checked before select() imports the frameworks: a refusal takes a second
         resume_dir, exp = runs.resume_settings(root, exp.name, name, overrides)
+        experiments = [exp]
     backend.select(name)
     gpu_warning = backend.gpu_warning(name)
     if gpu_warning:

@@ -134,6 +134,10 @@ REMOVED_KEYS = {
                            "split every epoch, whatever its size (see flowers/data.py)",
 }
 
+# Keys added with a default that changed what runs do: a run's config.json without one was made with
+# this value (older runs drew random numbers the backend's own way).
+LEGACY_VALUES = {"train.portable_random": False}
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -233,7 +237,9 @@ def from_dict(raw: Mapping[str, Any], name: str | None = None, origin: str = "co
         values = raw.get(section, {})
         if not isinstance(values, Mapping):
             raise FlowersError(f"{origin}: [{section}] must be a table of key = value")
-        kwargs = {}
+        kwargs = {key.split(".")[1]: value for key, value in LEGACY_VALUES.items()
+                  if key.startswith(f"{section}.") and origin.endswith("config.json")
+                  and key.split(".")[1] not in values}
         for key, value in values.items():
             if f"{section}.{key}" in REMOVED_KEYS:
                 if origin.endswith("config.json"):
@@ -355,14 +361,15 @@ def source_kind(source: str) -> tuple[str, str]:
 def settings(experiment: Mapping[str, Any]) -> dict[str, Any]:
     """{"section.key": value} of an Experiment.to_dict() shape (a run's config.json "experiment").
 
-    A key missing from an older run's config.json had its default then; name, description and
+    A key missing from an older run's config.json had its default then (LEGACY_VALUES: the value
+    it ran with where the default changed); name, description and
     removed keys are not settings.
     """
     flat = {}
     for section, cls in SECTIONS.items():
         given = experiment.get(section, {})
         for key, default in dataclasses.asdict(cls()).items():
-            flat[f"{section}.{key}"] = given.get(key, default)
+            flat[f"{section}.{key}"] = given.get(key, LEGACY_VALUES.get(f"{section}.{key}", default))
     return flat
 
 

@@ -161,6 +161,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
     metrics.setdefault("early_stopping", None)  # runs from before train.early_stopping_patience
     # Runs from before train.portable_random: each backend drew its own weights and masks.
     metrics.setdefault("portable_random", {"enabled": False})
+    metrics.setdefault("seed", None)  # runs from before it: config.json has train.seed
     metrics.setdefault("deterministic", {"requested": False, "applied": None})
     missing = [k for k in (*METRIC_KEYS, "null_reasons") if k not in metrics]
     if missing:
