@@ -18,7 +18,7 @@ def tiny_bench(tmp_path_factory, flowers12):
                      "--e2e-images-per-class", "2", "--out", str(out),
                      "--image-sizes", "48", "--contention",
                      # torch.compile needs minutes of C++ compilation on 2 cores: not in the suite
-                     "--variants", "model.data_format")
+                     "--variants", "model.data_format,train.portable_random")
     assert result.returncode == 0, result.stderr[-3000:]
     bench_md = result.stdout.strip().splitlines()[-1]
     folder = out / "bench"
@@ -49,10 +49,14 @@ def test_bench_json_is_well_formed(tiny_bench):
         assert f["tfdata_vs_memory"] == pytest.approx(
             f["train_tfdata_img_s"]["median"] / f["train_memory_img_s"]["median"])
         # the layout is varied on torch and jax; TensorFlow's CPU convolutions are channels_last only
-        assert bool(f["variants"]) == (name != "tensorflow"), (name, f["variants"])
-        for variant in f["variants"].values():
+        layouts = [v for v in f["variants"] if v.startswith("model.data_format")]
+        assert bool(layouts) == (name != "tensorflow"), (name, f["variants"])
+        for key, variant in f["variants"].items():
+            # the backend's own random draws are timed as a train step, the layout as a forward
+            baseline = "train_step" if key == "train.portable_random=false" else "forward_batch"
             assert variant["vs_default"] == pytest.approx(
-                variant["median"] / f["forward_batch_img_s"]["median"])
+                variant["median"] / f[f"{baseline}_img_s"]["median"]), (name, key)
+        assert "train.portable_random=false" in f["variants"]
         e2e = f["e2e"]
         assert e2e["standard"]["wall_s"] > 0 and e2e["cache"]["wall_s"] > 0
         assert e2e["speedup"] == pytest.approx(e2e["standard"]["wall_s"] / e2e["cache"]["wall_s"])
@@ -207,7 +211,8 @@ def test_layout_variants_are_skipped_for_a_channels_last_only_backbone():
 
     custom = BenchSettings(backbone="experiments.custom_backbone:small_cnn")
     measured, skipped = variant_plan("jax", custom)
-    assert measured == ["train.dtype_policy=mixed_bfloat16", "model.fold_batchnorm=false"]
+    assert measured == ["train.dtype_policy=mixed_bfloat16", "model.fold_batchnorm=false",
+                        "train.portable_random=false"]
     assert "channels_last only" in skipped["model.data_format=channels_first"]
     assert "model.data_format=channels_last" in variant_plan("torch", custom)[1]
     assert variant_plan("jax", BenchSettings())[1] == {}

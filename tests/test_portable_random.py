@@ -58,6 +58,7 @@ def test_initial_weights_are_bitwise_identical_under_every_backend():
         assert found[backend] == reference, backend
     for name, (_, count, spread, portable, other) in reference.items():
         assert count > 5 and spread > 0, name  # weights were drawn, not all zeros or ones
+        assert "head_dropout" in portable, name
         assert other == [], f"{name}: random layers left with the backend's own draws: {other}"
     trainable = reference["EfficientNetV2B0 frozen=False"]
     assert "head_dropout" in trainable[3] and len(trainable[3]) > 10  # stochastic depth too

@@ -5,6 +5,7 @@ render     bench.md: header, figures table, targets table
 worker     one backend's side, in its own process (python -m flowers.bench.worker)
 native     the same network as plain PyTorch and a plain tf.function, for the keras/native ratios
            (ResNet50 only: with another --backbone those figures are null with the reason)
+variants   which default task a variant is timed against (forward, or train step)
 hardware   the device's FP32 peak, from a table of GPUs or measured on the CPU
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from flowers.bench.variants import variant_baseline
 from flowers.tables import markdown_table
 
 
@@ -82,7 +83,8 @@ def figures_table(results: dict[str, Any]) -> str:
                           for n in names]),
     ]
     for variant in sorted({v for n in names for v in (*f[n]["variants"], *_skipped(f[n]))}):
-        rows.append((f"forward img/s with {variant} (× default)",
+        kind = "train step" if variant_baseline(variant) == "train_step" else "forward"
+        rows.append((f"{kind} img/s with {variant} (× default)",
                      [(f"{_rate(f[n]['variants'][variant])} "
                        f"({f[n]['variants'][variant]['vs_default']:.2f}×)"
                        if variant in f[n]["variants"] else

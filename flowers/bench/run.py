@@ -41,6 +41,7 @@ import numpy as np
 from flowers import backbones, backend, config, files, host
 from flowers.bench import contention, hardware, native
 from flowers.bench.render import markdown
+from flowers.bench.variants import variant_baseline
 from flowers.errors import FlowersError
 from flowers.workers import LineWorker, run_worker
 
@@ -54,14 +55,15 @@ NATIVE_TASKS = ("native_forward", "native_train")
 VARIANTS = {
     "torch": ("model.data_format=channels_last", "train.jit_compile",
               "train.dtype_policy=mixed_bfloat16", "model.fold_batchnorm=false",
-              "model.backend_kernel_layout=false"),
+              "model.backend_kernel_layout=false", "train.portable_random=false"),
     "tensorflow": ("train.jit_compile", "train.dtype_policy=mixed_bfloat16",
-                   "model.fold_batchnorm=false"),
+                   "model.fold_batchnorm=false", "train.portable_random=false"),
     "jax": ("model.data_format=channels_first", "train.dtype_policy=mixed_bfloat16",
-            "model.fold_batchnorm=false"),
+            "model.fold_batchnorm=false", "train.portable_random=false"),
 }
 VARIANT_KEYS = ("model.data_format", "train.jit_compile", "train.dtype_policy", "model.fold_batchnorm",
-                "model.backend_kernel_layout")
+                "model.backend_kernel_layout", "train.portable_random")
+
 TARGETS = {
     "keras_vs_native_torch": 0.9, "keras_vs_native_tensorflow": 0.95, "tfdata_vs_memory": 0.95,
     "forward_vs_fastest": 0.8, "forward_vs_fastest_small": 0.6, "fastest_peak_share": 0.6,
@@ -298,7 +300,7 @@ def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: d
     figures["variants"] = {
         task[8:]: {**summary(e["samples_s"], e["images_per_call"]),
                    "vs_default": summary(e["samples_s"], e["images_per_call"])["median"]
-                   / median["forward_batch"],
+                   / median[variant_baseline(task[8:])],
                    "first_call_s": e.get("first_call_s")}
         for task, e in samples.items() if task.startswith("variant:")}
     figures["variants_skipped"] = variant_plan(name, settings)[1]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from flowers import backend, config, data, files, workers
+from flowers.bench.variants import variant_baseline
 from flowers.metrics import time_calls
 
 
@@ -109,6 +110,13 @@ class Worker:
                                      self._resized(size))
             sized, images = self.models[task]
             return _repeat(lambda: sized.predict_on_batch(images)), batch
+        if task.startswith("variant:") and variant_baseline(task[8:]) == "train_step":
+            if task not in self.models:
+                self.models[task] = self._build(task[8:])
+            trained = self.models[task]
+            x = self.keras.ops.convert_to_tensor(self.images)
+            y = self.keras.ops.convert_to_tensor(self.labels)
+            return _repeat(lambda: trained.train_on_batch(x, y)), batch
         if task.startswith("variant:"):
             if task not in self.models:  # built once: a new model object would be traced again
                 self.models[task] = _predictor(self._build(task[8:]))
@@ -157,13 +165,14 @@ class Worker:
         experiment = self._experiment(overrides)
         self.keras.config.set_dtype_policy(experiment.train.dtype_policy)
         try:
-            model = build_model(experiment.model, image_size or self.image_size, self.num_classes)
+            model = build_model(experiment.model, image_size or self.image_size, self.num_classes,
+                                portable_random=experiment.train.portable_random)
             # Every model starts from the first one's weights, unrewritten (the native twins copy
             # those); then its backbone is rewritten as a run's would be (backbone_rewrite).
             if self.original is None:
                 self.original = model
             else:
-                model.set_weights(self.original.get_weights())
+                _copy_weights(self.original, model)
             model = rewrite_classifier(model, backbone_rewrite(experiment))
             compile_model(model, 1e-3, self.num_classes, experiment.train.jit_compile)
         finally:
@@ -360,5 +369,18 @@ def _repeat(fn: Callable[[], Any]) -> Callable[[int], list[float]]:
     return lambda count: [ms / 1000 for ms in time_calls(fn, count, warmup=0)]
 
 
+def _copy_weights(source, target) -> None:
+    """The weights of `source`'s layers into `target`'s same-named layers that hold as many
+    (a keras Dropout has none where a PortableDropout has its step counter)."""
+    for layer in target.layers:
+        try:
+            origin = source.get_layer(layer.name)
+        except ValueError:
+            continue
+        if layer.weights and len(origin.weights) == len(layer.weights):
+            layer.set_weights(origin.get_weights())
+
+
 if __name__ == "__main__":
     workers.worker_main(run=one_shot, start=Worker)
+
