@@ -1,14 +1,27 @@
 """The comparison report: complete runs side by side, written whole to reports/<experiment>/.
 
-    comparison.md     header (device, versions, config hash, date), one table (a row per metric, a
-                      column per run, best in bold, ratio to the best), "what differs", charts,
-                      the latest parity result
-    comparison.csv    the table's numbers, one row per (metric, run), for spreadsheets
-    comparison.json   the same numbers plus the header facts and the parity result
-    chart_<metric>.png one bar chart per metric (runs side by side)
-    learning_curves.png  val accuracy and val loss per epoch, one line per run
+Each backend may have several runs, one per seed (`flowers train --seeds N`); the seed is the
+replication axis, so a backend's column shows the mean ± sd over its seeds, and whether backends
+differ is decided by paired tests on the same validation images against the measured seed-to-seed
+spread (report_stats.py), not by one run each.
 
-Runs that did not do the same job (different config hash) or ran on different hardware are refused
+    comparison.md     header (device, versions, config hash, runs per backend with seeds, date),
+                      one table (a row per metric, a column per backend: mean ± sd and n seeds),
+                      "what differs" with the verdict, the paired tests, charts, the latest parity
+                      (report_text.py)
+    comparison.csv    the table's numbers, for spreadsheets: one row per (metric, backend, seed)
+                      with statistic "value", plus a "mean" and an "sd" row per (metric, backend).
+                      Columns: metric (metrics.json key), unit, better ("lower"/"higher"), backend,
+                      statistic ("value" | "mean" | "sd"), seed and run_id (value rows only), value
+                      (empty when null), n (seeds measured; mean and sd rows), ratio_to_best and
+                      best (mean rows: value ÷ the best mean, and 1 for the bold best; empty / 0
+                      where no best is shown), null_reason (why value is empty)
+    comparison.json   everything above plus per-seed values, the paired tests, the verdict and the
+                      parity result (run directories relative to the runs root)
+    chart_<metric>.png one bar chart per metric (report_charts.py)
+    learning_curves.png  val accuracy and val loss per epoch (report_charts.py)
+
+Runs that did not do the same job (settings other than train.seed, or the device) are refused
 unless allow_mixed, and then the report says so at the top. Runs of different experiments are always
 refused. Only files are read: nothing here imports keras or trains.
 """
@@ -17,28 +30,32 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowers import backend, config, files, parity, runs, tables
+from flowers import backend, config, files, parity, runs
 from flowers.errors import FlowersError
 from flowers.metrics import read_metrics
+from flowers.report_charts import write_charts
+from flowers.report_stats import (
+    NO_PREDICTIONS,
+    Predictions,
+    paired_tests,
+    parse_predictions,
+    summarize,
+    verdict,
+)
+from flowers.report_text import SETUP_KEYS, render_markdown, what_differs, write_csv
+from flowers.report_text import render_table as render_table  # what the CLI prints
 
-BACKEND_COLORS = {"torch": "#d62728", "tensorflow": "#ff7f0e", "jax": "#1f77b4"}
-NOISE_STANDARD_ERRORS = 2  # "within noise" = spread within 2 standard errors of a difference
-# What the accuracy noise figure is and is not (report and comparison.json say it in these words).
-NOISE_CAVEAT = (
-    "It is a scale, not a significance test: it treats the accuracies as independent samples, "
-    "although every run is scored on the same images; models that get the same images right have a "
-    "smaller paired noise (McNemar's test on per-image predictions, which runs do not save), so "
-    "a spread judged small against it can hide a real difference. Seed-to-seed training "
-    "variation is not in it either (one run per backend), and Keras initialises the weights "
-    "differently under each backend even with the same seed.")
+PREDICTIONS_FILE = "predictions.csv"
+SEED_KEY = "train.seed"  # the replication axis: runs that differ only in it do the same job
+# Quality rows get a "best" only when the verdict says the backends differ; timing rows by mean.
+QUALITY_KEYS = ("val_loss", "val_accuracy", "val_top5_accuracy")
 
 
 @dataclass(frozen=True)
@@ -77,22 +94,17 @@ ROWS = (
     Row("val_accuracy", "val accuracy", "", "higher", decimals=4),
     Row("val_top5_accuracy", "val top-5 accuracy", "", "higher", decimals=4),
 )
-# How each run was set up, shown at the top of the table when the runs record it.
-SETUP_KEYS = (("backbone", "backbone"), ("finetune_epochs", "fine-tuning epochs"),
-              ("backend_version", "backend version"), ("data_format", "data format"),
-              ("jit_compile", "jit compile"), ("dtype_policy", "dtype policy"),
-              ("distribution", "distribution"), ("replicas", "replicas"), ("processes", "processes"))
-DISTRIBUTION_KEYS = ("distribution", "replicas", "processes")
 
 
 @dataclass
 class Run:
     """A complete run as the report sees it."""
 
-    label: str  # column title: the backend, plus the run id when a backend appears twice
     run_dir: Path
     metrics: dict[str, Any]
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
+    seed: int
+    predictions: Predictions | str  # or why the run has none usable
 
     @property
     def backend(self) -> str:
@@ -107,16 +119,32 @@ def reports_root(override: str | Path | None = None) -> Path:
     return Path(env) if env else config.PROJECT_ROOT / "reports"
 
 
-def newest_runs(root: Path, experiment: str) -> tuple[list[Path], list[str]]:
-    """The newest complete runs of `experiment` that share one configuration, one per backend.
+def run_seed(run_dir: Path, metrics: Mapping[str, Any] | None = None) -> int:
+    """The seed a run trained with: config.json's train.seed, else metrics.json's seed.
 
-    A configuration is the runs' settings (config.json, paths compared by place) and their device.
-    The one with runs under the most backends wins, then the one with the newest run, so a quick
-    `--set` run under one backend does not block the comparison of the full matrix.
+    config.json records every run's settings (older runs' metrics.json has no seed); a config.json
+    without train.seed is from before the key existed and ran with its default.
+    """
+    experiment = files.read_json(run_dir / "config.json").get("experiment", {})
+    train = experiment.get("train", {})
+    if "seed" in train:
+        return int(train["seed"])
+    if metrics is not None and metrics.get("seed") is not None:
+        return int(metrics["seed"])
+    return int(config.settings(experiment)[SEED_KEY])
+
+
+def newest_runs(root: Path, experiment: str) -> tuple[list[Path], list[str]]:
+    """The newest complete runs of `experiment` that share one configuration: per backend, the
+    newest of each seed.
+
+    A configuration is the runs' settings but train.seed (config.json, paths compared by place) and
+    their device. The one with runs under the most backends wins, then the one with the newest run,
+    so a quick `--set` run under one backend does not block the comparison of the full matrix.
 
     Returns:
-        (run directories in the usual backend order, a line for each newer or other-configuration
-        run that was left out, naming how its settings differ).
+        (run directories in the usual backend order, then by seed; a line for each newer or
+        other-configuration run that was left out, naming how its settings differ).
 
     Raises:
         FlowersError: unknown experiment (no file and no runs), or no complete run of it under root.
@@ -131,38 +159,48 @@ def newest_runs(root: Path, experiment: str) -> tuple[list[Path], list[str]]:
         raise FlowersError(f"no complete runs of experiment {name!r} under {root} ({have}); train "
                            f"first, e.g. nox -s train-torch train-tensorflow train-jax -- "
                            f"--experiment {name}")
-    groups: dict[str, dict[str, Path]] = {}  # configuration -> backend -> its newest run
+    groups: dict[str, dict[str, dict[int, Path]]] = {}  # configuration -> backend -> seed -> newest
     for backend_name, found in candidates.items():
-        for run_dir in found:  # oldest first, so the newest of a configuration stays
-            groups.setdefault(_configuration(run_dir), {})[backend_name] = run_dir
-    chosen_key = max(groups, key=lambda k: (len(groups[k]), max(p.name for p in groups[k].values())))
-    chosen = groups[chosen_key]
-    reference = next(iter(chosen.values()))
+        for run_dir in found:  # oldest first, so the newest of a configuration and seed stays
+            by_seed = groups.setdefault(_configuration(run_dir), {}).setdefault(backend_name, {})
+            by_seed[run_seed(run_dir)] = run_dir
+
+    def newest(key: str) -> str:
+        return max(p.name for by_seed in groups[key].values() for p in by_seed.values())
+
+    chosen = groups[max(groups, key=lambda k: (len(groups[k]), newest(k)))]
+    reference = next(iter(next(iter(chosen.values())).values()))
     left_out = []
     for backend_name, found in candidates.items():
-        newest_kept = chosen.get(backend_name)
+        newest_kept = max((p.name for p in chosen.get(backend_name, {}).values()), default=None)
         for run_dir in found:
-            if newest_kept is not None and run_dir.name <= newest_kept.name:
+            if newest_kept is not None and run_dir.name <= newest_kept:
                 continue
             how = _how_it_differs(reference, run_dir) or "same settings"
             left_out.append(f"left out {backend_name} {run_dir.name} ({how}): compared the newest "
                             "runs that share one configuration")
-    return [chosen[b] for b in backend.BACKENDS if b in chosen], left_out
+    return [chosen[b][s] for b in backend.BACKENDS if b in chosen for s in sorted(chosen[b])], left_out
 
 
 def _configuration(run_dir: Path) -> str:
-    """What must match for two runs to be compared: settings (paths by place) and device."""
+    """What must match for two runs to be compared: settings but the seed (paths by place), device."""
     experiment = files.read_json(run_dir / "config.json")["experiment"]
-    settings = {k: config.same_place(k, v) for k, v in config.settings(experiment).items()}
+    settings = {k: config.same_place(k, v) for k, v in config.settings(experiment).items()
+                if k != SEED_KEY}
     device = device_label(read_metrics(run_dir / "metrics.json"))
     return json.dumps([settings, device], sort_keys=True, default=str)
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """config.differences without the seed (the replication axis, never a difference of job)."""
+    return [d for d in config.differences(a, b) if d[0] != SEED_KEY]
 
 
 def _how_it_differs(reference: Path, other: Path) -> str:
     """"train.epochs: 8 vs 1; device: cpu (...) vs NVIDIA L4" (empty when the same)."""
     a = files.read_json(reference / "config.json")["experiment"]
     b = files.read_json(other / "config.json")["experiment"]
-    parts = [f"{key}: {left!r} vs {right!r}" for key, left, right in config.differences(a, b)]
+    parts = [f"{key}: {left!r} vs {right!r}" for key, left, right in _differences(a, b)]
     devices = [device_label(read_metrics(p / "metrics.json")) for p in (reference, other)]
     if devices[0] != devices[1]:
         parts.append(f"device: {devices[0]} vs {devices[1]}")
@@ -173,15 +211,17 @@ def load_runs(run_dirs: Sequence[str | Path], allow_mixed: bool = False) -> tupl
     """Read and check the runs to compare.
 
     Args:
-        run_dirs: complete run directories (one column each, in this order).
-        allow_mixed: accept runs with different config hashes or devices.
+        run_dirs: complete run directories; at most one per backend and seed. Backends keep the
+            order in which they first appear; a backend's runs are ordered by seed.
+        allow_mixed: accept runs with different settings (but the seed) or devices.
 
     Returns:
         (runs, mixed): mixed lists how the runs differ (empty unless allow_mixed let it through).
 
     Raises:
-        FlowersError: no runs, a run given twice, an incomplete run, a corrupt metrics.json or
-            history.csv, runs of different experiments, or mixed runs without allow_mixed.
+        FlowersError: no runs, a run given twice, two runs of one backend and seed, an incomplete
+            run, a corrupt metrics.json or history.csv, runs of different experiments, or mixed runs
+            without allow_mixed.
     """
     if not run_dirs:
         raise FlowersError("no runs to compare: give --experiment NAME or RUN_DIR arguments")
@@ -201,69 +241,69 @@ def load_runs(run_dirs: Sequence[str | Path], allow_mixed: bool = False) -> tupl
     if mixed and not allow_mixed:
         raise FlowersError(f"runs are not comparable: {'; '.join(mixed)}; pass --allow-mixed to "
                            "compare them anyway (the report will say so)")
+    run_list = [Run(run_dir=p, metrics=m, history=_read_history(p / "history.csv"),
+                    seed=run_seed(p, m), predictions=_read_predictions(p, m)) for p, m in loaded]
+    seen: dict[tuple[str, int], Run] = {}
+    for run in run_list:
+        twin = seen.setdefault((run.backend, run.seed), run)
+        if twin is not run:
+            raise FlowersError(f"two runs of {run.backend} with seed {run.seed} ({twin.run_dir}, "
+                               f"{run.run_dir}): give one run per backend and seed")
+    order = list(dict.fromkeys(r.backend for r in run_list))
+    return sorted(run_list, key=lambda r: (order.index(r.backend), r.seed)), mixed
 
-    backends = [m["backend"] for _, m in loaded]
-    return [Run(label=m["backend"] if backends.count(m["backend"]) == 1
-                else f"{m['backend']} {m['run_id']}",
-                run_dir=p, metrics=m, history=_read_history(p / "history.csv"))
-            for p, m in loaded], mixed
+
+def _read_predictions(run_dir: Path, metrics: Mapping[str, Any]) -> Predictions | str:
+    """The run's predictions.csv, or why it cannot be used (no file: a run from before it existed)."""
+    path = run_dir / PREDICTIONS_FILE
+    if not path.is_file():
+        return NO_PREDICTIONS
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            predictions = parse_predictions(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"unreadable predictions.csv of run {metrics['run_id']} ({exc})"
+    if len(predictions.label) != metrics["num_val"]:
+        return (f"predictions.csv of run {metrics['run_id']} has {len(predictions.label)} rows, "
+                f"its metrics.json num_val is {metrics['num_val']}")
+    return predictions
 
 
 def build_comparison(run_list: Sequence[Run], mixed: Sequence[str] = (),
                      parity_result: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the report shows, as one JSON-ready dict (comparison.json is exactly this)."""
-    first = run_list[0].metrics
-    rows = [_table_row(row, run_list) for row in ROWS]
+    by_backend = _by_backend(run_list)
+    accuracies = {name: {r.seed: r.metrics["val_accuracy"] for r in group
+                         if r.metrics["val_accuracy"] is not None}
+                  for name, group in by_backend.items()}
+    tests = paired_tests(list(by_backend), {name: {r.seed: r.predictions for r in group}
+                                            for name, group in by_backend.items()})
+    judged = verdict({k: v for k, v in accuracies.items() if v}, tests)
+    rows = [_table_row(spec, by_backend, judged["backends_differ"]) for spec in ROWS]
     rows = [row for row, spec in zip(rows, ROWS, strict=True)
             if not spec.optional or any(v is not None for v in row["values"].values())]
     comparison = {
-        "experiment": first["experiment"],
+        "experiment": run_list[0].metrics["experiment"],
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "mixed": list(mixed),
         "config_hashes": sorted({r.metrics["config_hash"] for r in run_list}),
         "devices": sorted({device_label(r.metrics) for r in run_list}),
-        "columns": [_column(r) for r in run_list],
+        "columns": [_column(name, group) for name, group in by_backend.items()],
         "rows": rows,
-        "accuracy_spread": accuracy_spread(run_list),
+        "paired_tests": tests,
+        "verdict": judged,
         "parity": parity_result,
     }
-    comparison["what_differs"] = _what_differs(comparison)
+    comparison["what_differs"] = what_differs(comparison)
     return comparison
 
 
-def accuracy_spread(run_list: Sequence[Run]) -> dict[str, Any]:
-    """Spread of val accuracy across runs against the sampling noise of accuracy on num_val images.
-
-    Noise: an accuracy p measured on n images has binomial standard error sqrt(p(1-p)/n); the
-    difference of two such accuracies has sqrt(2) times that. The spread is "within noise" when it
-    is at most NOISE_STANDARD_ERRORS of those. p is the mean accuracy, kept 1/(2n) away from 0 and 1
-    so a perfect score does not claim zero noise. See NOISE_CAVEAT for what this is not: the runs
-    are scored on the same images (a paired test would need per-image predictions), and
-    seed-to-seed training variation is not measured by one run per backend.
-    """
-    accuracies = {r.label: r.metrics["val_accuracy"] for r in run_list}
-    n = min(r.metrics["num_val"] for r in run_list)
-    mean = sum(accuracies.values()) / len(accuracies)
-    p = min(max(mean, 0.5 / n), 1 - 0.5 / n)
-    standard_error = math.sqrt(p * (1 - p) / n)
-    noise = NOISE_STANDARD_ERRORS * math.sqrt(2) * standard_error
-    lowest = min(accuracies, key=accuracies.get)
-    highest = max(accuracies, key=accuracies.get)
-    spread = accuracies[highest] - accuracies[lowest]
-    return {
-        "num_val": n,
-        "lowest": {"label": lowest, "val_accuracy": accuracies[lowest]},
-        "highest": {"label": highest, "val_accuracy": accuracies[highest]},
-        "spread": spread,
-        "spread_images": round(spread * n),
-        "noise_p": p,
-        "standard_error": standard_error,
-        "noise_threshold": noise,
-        "within_noise": spread <= noise + 1e-12,
-        "method": (f"spread <= {NOISE_STANDARD_ERRORS} x sqrt(2) x sqrt(p(1-p)/n), p = mean val "
-                   "accuracy, n = num_val: two binomial standard errors of a difference of two "
-                   "independent accuracies. " + NOISE_CAVEAT),
-    }
+def _by_backend(run_list: Sequence[Run]) -> dict[str, list[Run]]:
+    """backend -> its runs by seed, backends in the order they first appear."""
+    grouped: dict[str, list[Run]] = {}
+    for run in run_list:
+        grouped.setdefault(run.backend, []).append(run)
+    return {name: sorted(group, key=lambda r: r.seed) for name, group in grouped.items()}
 
 
 def write_report(comparison: dict[str, Any], run_list: Sequence[Run], out_root: Path) -> Path:
@@ -277,11 +317,12 @@ def write_report(comparison: dict[str, Any], run_list: Sequence[Run], out_root: 
         The report directory.
     """
     final = out_root / comparison["experiment"]
+    histories = {name: [r.history for r in group] for name, group in _by_backend(run_list).items()}
     with files.staging_dir(out_root, f".{final.name}-") as staging:
-        comparison["charts"] = _write_charts(comparison, run_list, staging)
+        comparison["charts"] = write_charts(comparison, histories, staging)
         files.write_text(staging / "comparison.md", render_markdown(comparison))
         files.write_json(staging / "comparison.json", comparison)
-        _write_csv(comparison, staging / "comparison.csv")
+        write_csv(comparison, staging / "comparison.csv")
         return files.publish_dir(staging, final, replace=True)
 
 
@@ -306,105 +347,13 @@ def device_label(metrics: dict[str, Any]) -> str:
     return f"cpu ({host.get('cpu_model', '?')}, {host.get('cpu_count', '?')} logical cores)"
 
 
-def render_markdown(comparison: dict[str, Any]) -> str:
-    """comparison.md from a comparison dict (charts listed under comparison["charts"])."""
-    columns = comparison["columns"]
-    lines = [f"# Backend comparison: {comparison['experiment']}", ""]
-    if comparison["mixed"]:
-        lines += [f"> **MIXED RUNS (--allow-mixed)**: {'; '.join(comparison['mixed'])}. "
-                  "Differences below may come from that, not from the backends.", ""]
-    lines += [
-        f"Generated {comparison['generated']} by `flowers compare` from {len(columns)} complete "
-        "runs.",
-        "",
-        f"- **device**: {', '.join(comparison['devices'])}",
-        f"- **host**: {_host_summary(columns)}",
-        f"- **model**: {_same(columns, 'backbone')} backbone + head"
-        + (f", fine-tuned {_same(columns, 'finetune_epochs')} epochs"
-           if any(c.get("finetune_epochs") for c in columns) else ", head trained (frozen backbone)"),
-        f"- **experiment config hash**: {', '.join(comparison['config_hashes'])}",
-        f"- **versions**: keras {_same(columns, 'keras_version')}, tensorflow (tf.data) "
-        f"{_same(columns, 'tensorflow_version')}, python {_same(columns, 'python_version')}; "
-        + ", ".join(f"{c['label']} {c['backend_version']}" for c in columns),
-        "- **runs**: " + ", ".join(f"{c['label']} `{c['run_id']}`" for c in columns),
-        "",
-        "## Results",
-        "",
-    ]
-    table, footnotes = results_table(comparison)
-    lines.append(table)
-    lines += [
-        "",
-        "↓ lower is better, ↑ higher is better; **bold** = best; (1.60×) = value ÷ best. "
-        "How each figure is measured: `flowers/metrics.py` (README, Metrics).",
-    ]
-    lines += [""] + [f"[{i}] n/a: {reason}" for i, reason in enumerate(footnotes, 1)] if footnotes else []
-    lines += ["", "## What differs", ""] + [f"- {line}" for line in comparison["what_differs"]]
-    lines += ["", "## Charts", ""]
-    lines += [f"![{name.removesuffix('.png')}]({name})" for name in comparison.get("charts", [])]
-    lines += ["", "## Parity", ""]
-    result = comparison["parity"]
-    if result is None:
-        lines.append("No parity result yet: run `flowers parity` (writes parity.json beside this "
-                     "report's folder) and compare again.")
-    else:
-        verdict = ("all targets met" if result["passed"]
-                   else "TARGET MISSED: " + "; ".join(result["failures"]))
-        lines += [f"From `parity.json` ({result['created']}): {verdict}.", "",
-                  parity.describe(result) + ".", "", parity.format_table(result)]
-        lines += [f"\n{note}" for note in parity.notes(result)]
-    return "\n".join(lines) + "\n"
-
-
-def render_table(comparison: dict[str, Any]) -> str:
-    """Just the results table of comparison.md (what the CLI prints)."""
-    return results_table(comparison)[0]
-
-
-def results_table(comparison: dict[str, Any]) -> tuple[str, list[str]]:
-    """comparison.md's results table: a row per metric, a column per run; and its footnotes.
-
-    A value that was not measured shows "n/a [i]", where footnotes[i - 1] is the reason.
-    """
-    columns = comparison["columns"]
-    labels = [c["label"] for c in columns]
-    rows = []
-    if comparison["mixed"]:
-        for key, title in (("device", "device"), ("config_hash", "config hash")):
-            rows.append([f"**{title} (mixed)**", *(str(c[key]) for c in columns)])
-    for key, title in SETUP_KEYS:
-        if key in DISTRIBUTION_KEYS and all(c.get("distribution") in (None, "none") for c in columns):
-            continue  # no run was data-parallel: nothing to show
-        if any(c.get(key) is not None for c in columns):
-            rows.append([title, *(_setup_value(c.get(key)) for c in columns)])
-    footnotes: list[str] = []
-    for row in comparison["rows"]:
-        arrow = "↓" if row["better"] == "lower" else "↑"
-        cells = []
-        for label in labels:
-            value = row["values"][label]
-            if value is None:
-                reason = row["null_reasons"][label]
-                if reason not in footnotes:
-                    footnotes.append(reason)
-                cells.append(f"n/a [{footnotes.index(reason) + 1}]")
-            elif label in row["best"]:
-                cells.append(f"**{_format(value, row['decimals'])}** best")
-            else:
-                ratio = row["ratio_to_best"][label]
-                cells.append(_format(value, row["decimals"])
-                             + ("" if ratio is None else f" ({ratio:.2f}×)"))
-        rows.append([f"{row['title']} {arrow}", *cells])
-    table = tables.markdown_table(["metric", *labels], rows, align="l" + "r" * len(labels))
-    return table, footnotes
-
-
 def _mixed(loaded: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    """How the runs differ: each differing setting, and the device, with the runs that have each value."""
+    """How the runs differ: each differing setting but the seed, and the device, with the runs that
+    have each value."""
     names = [f"{m['backend']} {m['run_id']}" for _, m in loaded]
     experiments = [files.read_json(p / "config.json")["experiment"] for p, _ in loaded]
     flat = [config.settings(e) for e in experiments]
-    differing = {key for e in experiments[1:] for key, _, _ in config.differences(experiments[0], e)}
+    differing = {key for e in experiments[1:] for key, _, _ in _differences(experiments[0], e)}
     reasons = [f"different settings ({key}: "
                + _grouped([(n, repr(f[key]), config.same_place(key, f[key]))
                            for n, f in zip(names, flat, strict=True)]) + ")"
@@ -448,223 +397,64 @@ def _value(metrics: dict[str, Any], key: str) -> tuple[float | None, str | None]
     return float(value), None
 
 
-def _table_row(row: Row, run_list: Sequence[Run]) -> dict[str, Any]:
-    values, reasons = {}, {}
-    for run in run_list:
-        values[run.label], reason = _value(run.metrics, row.key)
-        if reason:
-            reasons[run.label] = reason
+def _table_row(spec: Row, by_backend: Mapping[str, Sequence[Run]], backends_differ: bool) -> dict[str, Any]:
+    """One metric: per backend the mean (values), mean/sd/min/max/n and per-seed values (stats)."""
+    values, reasons, stats = {}, {}, {}
+    for name, group in by_backend.items():
+        per_seed, null_seeds = {}, {}
+        for run in group:
+            per_seed[str(run.seed)], reason = _value(run.metrics, spec.key)
+            if reason:
+                null_seeds[str(run.seed)] = reason
+        summary = summarize([v for v in per_seed.values() if v is not None])
+        stats[name] = {**summary, "seeds": per_seed, "null_reasons": null_seeds}
+        values[name] = summary["mean"]
+        if summary["mean"] is None:
+            reasons[name] = next(iter(null_seeds.values()))
     measured = {k: v for k, v in values.items() if v is not None}
-    best_value = (min if row.better == "lower" else max)(measured.values()) if measured else None
+    # Which accuracy is "best" is a claim only the verdict may make; a timing's best is its mean.
+    ranked = measured if backends_differ or spec.key not in QUALITY_KEYS else {}
+    best_value = (min if spec.better == "lower" else max)(ranked.values()) if ranked else None
     return {
-        "key": row.key,
-        "label": row.label,
-        "note": row.note,
-        "title": row.title,
-        "unit": row.unit,
-        "better": row.better,
-        "decimals": row.decimals,
+        "key": spec.key,
+        "label": spec.label,
+        "note": spec.note,
+        "title": spec.title,
+        "unit": spec.unit,
+        "better": spec.better,
+        "decimals": spec.decimals,
         "values": values,
+        "stats": stats,
         "null_reasons": reasons,
-        "best": [k for k, v in measured.items() if v == best_value],
-        "ratio_to_best": {k: (v / best_value if best_value else None) if v is not None else None
+        "best": [k for k, v in ranked.items() if v == best_value],
+        "ratio_to_best": {k: (v / best_value if best_value else None)
+                          if v is not None and best_value is not None else None
                           for k, v in values.items()},
     }
 
 
-def _column(run: Run) -> dict[str, Any]:
-    m = run.metrics
+def _column(name: str, group: Sequence[Run]) -> dict[str, Any]:
+    """A backend's column: its runs by seed, and the facts they share (MIXED a/b where not)."""
+    def one(key: str) -> Any:
+        values = list(dict.fromkeys(json.dumps(r.metrics.get(key), default=str) for r in group))
+        return group[0].metrics.get(key) if len(values) == 1 else \
+            "MIXED " + "/".join(str(json.loads(v)) for v in values)
+
     return {
-        "label": run.label,
-        "backend": m["backend"],
-        "run_id": m["run_id"],
-        "run_dir": str(run.run_dir),
-        "created": m["created"],
-        "device": device_label(m),
-        "host": m["host"],
-        "config_hash": m["config_hash"],
-        "backend_version": m["backend_version"],
-        "keras_version": m["keras_version"],
-        "tensorflow_version": m["tensorflow_version"],
-        "python_version": m["python_version"],
-        **{key: m.get(key) for key, _ in SETUP_KEYS if key != "backend_version"},
-        "num_train": m["num_train"],
-        "num_val": m["num_val"],
-        "num_classes": m["num_classes"],
-        "epochs": m["epochs"],
+        "label": name,
+        "backend": name,
+        "seeds": [r.seed for r in group],
+        "runs": [{"seed": r.seed, "run_id": r.metrics["run_id"],
+                  # relative to the runs root: no folder of the machine that wrote it
+                  "run_dir": "/".join(r.run_dir.parts[-3:]),
+                  "created": r.metrics["created"], "config_hash": r.metrics["config_hash"],
+                  "predictions": isinstance(r.predictions, Predictions),
+                  "predictions_reason": None if isinstance(r.predictions, Predictions)
+                  else r.predictions} for r in group],
+        "device": "/".join(dict.fromkeys(device_label(r.metrics) for r in group)),
+        "host": group[0].metrics["host"],
+        "config_hash": "/".join(dict.fromkeys(r.metrics["config_hash"] for r in group)),
+        **{key: one(key) for key in ("backend_version", "keras_version", "tensorflow_version",
+                                     "python_version", *(k for k, _ in SETUP_KEYS))},
+        **{key: group[0].metrics[key] for key in ("num_train", "num_val", "num_classes", "epochs")},
     }
-
-
-def _what_differs(comparison: dict[str, Any]) -> list[str]:
-    rows = {row["key"]: row for row in comparison["rows"]}
-    spread = comparison["accuracy_spread"]
-    n = spread["num_val"]
-    lines = []
-    if len(comparison["columns"]) > 1:
-        verdict = "within noise" if spread["within_noise"] else "**larger than noise**"
-        lines.append(
-            f"**Accuracy**: val accuracy ranges from {spread['lowest']['val_accuracy']:.4f} "
-            f"({spread['lowest']['label']}) to {spread['highest']['val_accuracy']:.4f} "
-            f"({spread['highest']['label']}), a spread of {spread['spread']:.4f} "
-            f"({spread['spread_images']} of {n} images). Noise = {NOISE_STANDARD_ERRORS} "
-            f"binomial standard errors of a difference of two independent accuracies on {n} images "
-            f"= {NOISE_STANDARD_ERRORS}·√2·√(p(1−p)/n) with p = {spread['noise_p']:.4f} (mean "
-            f"accuracy) = {spread['noise_threshold']:.4f}: {verdict}. " + NOISE_CAVEAT
-        )
-        for key in ("val_loss", "train_images_per_s", "first_epoch_s", "latency_ms.batch1_p50",
-                    "latency_ms.batch32_p50", "peak_host_rss_mb", "peak_device_mem_mb"):
-            sentence = _ranking(rows[key])
-            if sentence:
-                lines.append(sentence)
-    present = {c["backend"] for c in comparison["columns"]}
-    missing = [b for b in backend.BACKENDS if b not in present]
-    if missing:
-        lines.append(f"**Missing backends**: {', '.join(missing)} — no run of "
-                     f"{'them' if len(missing) > 1 else 'it'} in this comparison, so nothing here "
-                     f"compares against {' or '.join(missing)}. Train "
-                     + ("them" if len(missing) > 1 else "it")
-                     + f" (`flowers train -e {comparison['experiment']} --backend NAME`) and compare "
-                     "again.")
-    classes = {c["num_classes"] for c in comparison["columns"]}
-    if max(classes) <= 5:
-        lines.append(f"Top-5 accuracy is 1 by construction with {max(classes)} classes.")
-    result = comparison["parity"]
-    if result is not None:
-        worst = max((r["max_abs_prob_diff"] for r in result["results"]), default=0.0)
-        drift = ", ".join(f"{r['backend']} {r['max_abs_loss_diff']:.1e}" for r in result["results"])
-        lines.append(
-            f"**Parity** ({result['created'][:10]}, {result['image_size']} px, "
-            f"{', '.join(result['backends'])}): the same weights give max |Δprob| {worst:.1e} "
-            f"(target {result['targets']['max_abs_prob_diff']:.0e}) — "
-            + ("so the forward pass is the same everywhere and differences in accuracy come "
-               "from training." if result["passed"] else "TARGET MISSED: "
-               + "; ".join(result["failures"]) + ".")
-            + f" {result['train_steps']} training steps from that one init drift by max |Δloss| "
-            f"{drift} vs {result['reference']} (see Parity below)."
-            + _parity_version_note(result, comparison["columns"])
-        )
-    if comparison["mixed"]:
-        lines.append("**Mixed runs**: " + "; ".join(comparison["mixed"]) + ".")
-    lines.append("Timings are one run each; rerun the matrix to see run-to-run variation.")
-    return lines
-
-
-def _parity_version_note(result: dict[str, Any], columns: list[dict[str, Any]]) -> str:
-    """Says so when parity.json was made with other framework versions than the runs."""
-    differ = sorted({f"{c['backend']} {result['runs'][c['backend']]['backend_version']} (runs: "
-                     f"{c['backend_version']})" for c in columns if c["backend"] in result["runs"]
-                     and result["runs"][c["backend"]].get("backend_version") != c["backend_version"]})
-    return f" Note: parity.json was made with other versions: {', '.join(differ)}." if differ else ""
-
-
-def _ranking(row: dict[str, Any]) -> str | None:
-    """"**train throughput** (img/s): best jax 118; torch 0.80×, tensorflow 0.55×"."""
-    measured = {k: v for k, v in row["values"].items() if v is not None}
-    if len(measured) < 2 or not row["best"]:
-        return None
-    best = row["best"][0]
-    others = sorted((k for k in measured if k not in row["best"]),
-                    key=lambda k: row["ratio_to_best"][k] or 0, reverse=row["better"] == "higher")
-    rest = ", ".join(f"{k} {row['ratio_to_best'][k]:.2f}×" for k in others
-                     if row["ratio_to_best"][k] is not None)
-    unit = f" {row['unit']}" if row["unit"] else ""
-    direction = "lowest" if row["better"] == "lower" else "highest"
-    tied = " (tied: " + ", ".join(row["best"][1:]) + ")" if len(row["best"]) > 1 else ""
-    return (f"**{row['label']}**: {direction} {best} {_format(measured[best], row['decimals'])}"
-            f"{unit}{tied}" + (f"; {rest}" if rest else "") + ".")
-
-
-def _write_csv(comparison: dict[str, Any], path: Path) -> None:
-    runs_by_label = {c["label"]: c for c in comparison["columns"]}
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["metric", "unit", "better", "column", "backend", "run_id", "value",
-                         "ratio_to_best", "best", "null_reason"])
-        for row in comparison["rows"]:
-            for label, value in row["values"].items():
-                ratio = row["ratio_to_best"][label]
-                writer.writerow([row["key"], row["unit"], row["better"], label,
-                                 runs_by_label[label]["backend"], runs_by_label[label]["run_id"],
-                                 "" if value is None else repr(value),
-                                 "" if ratio is None else repr(ratio),
-                                 int(label in row["best"]), row["null_reasons"].get(label, "")])
-
-
-def _write_charts(comparison: dict[str, Any], run_list: Sequence[Run], folder: Path) -> list[str]:
-    """One bar chart per metric with a measured value, and the learning curves; file names."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg canvas
-
-    subtitle = f"{comparison['experiment']} · {', '.join(comparison['devices'])}"
-    labels = [c["label"] for c in comparison["columns"]]
-    colors = [BACKEND_COLORS.get(c["backend"], "#7f7f7f") for c in comparison["columns"]]
-    names = []
-    for row in comparison["rows"]:
-        values = [row["values"][label] for label in labels]
-        if all(v is None for v in values):
-            continue
-        fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
-        ax = fig.add_subplot()
-        heights = [0.0 if v is None else v for v in values]
-        bars = ax.bar(labels, heights, color=colors)
-        for bar, label, value in zip(bars, labels, values, strict=True):
-            text = "n/a" if value is None else _format(value, row["decimals"])
-            if label in row["best"]:
-                text += " (best)"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=9, xytext=(0, 2),
-                        textcoords="offset points")
-        ax.set_ylim(0, max(heights) * 1.18 or 1)
-        ax.set_ylabel(row["unit"] or row["label"])
-        better = "lower is better" if row["better"] == "lower" else "higher is better"
-        label = row["label"] + (f", {row['note']}" if row.get("note") else "")
-        ax.set_title(f"{label} ({better})\n{subtitle}", fontsize=10)
-        ax.spines[["top", "right"]].set_visible(False)
-        name = f"chart_{row['key'].replace('.', '_')}.png"
-        with files.writing(folder / name):
-            fig.savefig(folder / name)
-        names.append(name)
-
-    fig = Figure(figsize=(9.6, 3.8), dpi=100, layout="constrained")
-    for index, (key, title) in enumerate((("val_accuracy", "val accuracy"),
-                                          ("val_loss", "val loss"))):
-        ax = fig.add_subplot(1, 2, index + 1)
-        for run, color in zip(run_list, colors, strict=True):
-            epochs = [int(r["epoch"]) + 1 for r in run.history]
-            ax.plot(epochs, [r[key] for r in run.history], marker="o", color=color,
-                    label=run.label)
-        ax.set_xlabel("epoch")
-        ax.set_title(title, fontsize=10)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(fontsize=9)
-    fig.suptitle(f"learning curves — {subtitle}", fontsize=10)
-    with files.writing(folder / "learning_curves.png"):
-        fig.savefig(folder / "learning_curves.png")
-    return [*names, "learning_curves.png"]
-
-
-def _format(value: float, decimals: int | None) -> str:
-    if decimals is not None:
-        return f"{value:.{decimals}f}"
-    magnitude = abs(value)
-    if magnitude >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.1f}" if magnitude >= 10 else f"{value:.2f}"
-
-
-def _setup_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return "n/a" if value is None else str(value)
-
-
-def _same(columns: list[dict[str, Any]], key: str) -> str:
-    values = sorted({str(c[key]) for c in columns})
-    return values[0] if len(values) == 1 else "MIXED " + "/".join(values)
-
-
-def _host_summary(columns: list[dict[str, Any]]) -> str:
-    hosts = {(h.get("cpu_model"), h.get("cpu_count"), h.get("ram_gb"))
-             for h in (c["host"] or {} for c in columns)}
-    return "; ".join(f"{model}, {cores} logical cores, {ram} GiB RAM"
-                     for model, cores, ram in sorted(hosts, key=str))
