@@ -187,6 +187,12 @@ def resolve_path(text: str) -> Path:
     return path if path.is_absolute() else Path(os.path.normpath(PROJECT_ROOT / path))
 
 
+def project_relative(path: str | Path) -> str:
+    """`path` as reports record it: relative to the project root (e.g. ../shared/data/flowers12),
+    so a committed report never names a folder of the machine that wrote it."""
+    return os.path.relpath(Path(path).resolve(), PROJECT_ROOT.resolve()) if str(path) else ""
+
+
 def list_experiments() -> list[str]:
     return sorted(p.stem for p in experiments_dir().glob("*.toml"))
 

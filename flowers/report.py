@@ -448,6 +448,7 @@ def _column(name: str, group: Sequence[Run]) -> dict[str, Any]:
                   # relative to the runs root: no folder of the machine that wrote it
                   "run_dir": "/".join(r.run_dir.parts[-3:]),
                   "created": r.metrics["created"], "config_hash": r.metrics["config_hash"],
+                  "portable_random": r.metrics.get("portable_random") or {"enabled": False},
                   "predictions": isinstance(r.predictions, Predictions),
                   "predictions_reason": None if isinstance(r.predictions, Predictions)
                   else r.predictions} for r in group],

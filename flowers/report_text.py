@@ -9,7 +9,7 @@ docstring. Functions of the dict only: nothing here reads a run.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,9 @@ def what_differs(comparison: dict[str, Any]) -> list[str]:
             sentence = _ranking(rows[key])
             if sentence:
                 lines.append(sentence)
+    draws = _random_draws_line(columns)
+    if draws:
+        lines.append(draws)
     present = {c["backend"] for c in columns}
     missing = [b for b in backend.BACKENDS if b not in present]
     if missing:
@@ -203,6 +206,29 @@ def what_differs(comparison: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"Timings of a backend with one seed are one run: {SEEDS_HINT}.")
     return lines
+
+
+def _random_draws_line(columns: Sequence[Mapping[str, Any]]) -> str | None:
+    """Names the runs whose random draws were the backend's own (README, Honest comparisons):
+    train.portable_random off (or a run from before it), or random layers it could not make
+    portable. None when every run drew alike."""
+    own, layers = [], []
+    for column in columns:
+        for run in column["runs"]:
+            draws = run["portable_random"]
+            if not draws.get("enabled"):
+                own.append(f"{column['backend']} seed {run['seed']}")
+            elif draws.get("not_portable"):
+                layers.append(f"{column['backend']} seed {run['seed']}: "
+                              + ", ".join(draws["not_portable"]))
+    parts = []
+    if own:
+        parts.append("drew their own initial weights and dropout masks (train.portable_random off, "
+                     "or trained before it existed): " + "; ".join(own) + ". Their differences mix "
+                     "the backend with a different random draw")
+    if layers:
+        parts.append("trained random layers with the backend's own draws: " + "; ".join(layers))
+    return ("**Random draws**: " + ". ".join(parts) + ".") if parts else None
 
 
 def _spread_line(spread: Mapping[str, Any]) -> str:

@@ -68,6 +68,7 @@ def test_markdown_has_header_every_row_and_every_backend(smoke_report, smoke_run
     report, result = smoke_report
     assert result.stdout.strip().splitlines()[-1] == str(report / "comparison.md")
     md = (report / "comparison.md").read_text()
+    assert "**Random draws**" not in md  # portable initial weights and dropout masks everywhere
     metrics = {b: read_json(smoke_runs[b] / "metrics.json") for b in BACKENDS}
     torch = metrics["torch"]
 
@@ -400,6 +401,9 @@ def test_runs_from_before_seeds_and_predictions_are_still_compared(tmp_path):
     assert [c["seeds"] for c in comparison["columns"]] == [[42]] * 3
     assert {t["reason"].split("; ")[0] for t in comparison["paired_tests"]["tests"]} == {
         f"torch: {NO_PREDICTIONS}", f"tensorflow: {NO_PREDICTIONS}"}
+    # their random draws were each backend's own: the report says so, naming each run
+    draws = next(line for line in comparison["what_differs"] if line.startswith("**Random draws**"))
+    assert "torch seed 42; tensorflow seed 42; jax seed 42" in draws
 
 
 # --- Several seeds per backend from the smoke runs, with predictions.csv whose outcome is known ---

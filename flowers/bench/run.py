@@ -186,7 +186,7 @@ def run_bench(settings: BenchSettings, out_root: Path,
         "backbone": settings.backbone,
         "device": device,
         "host": host.host_info(),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "images": config.project_relative(settings.images)},
         "method": __doc__.split("Method (written into bench.json beside the figures):")[1].strip(),
         "peak": peak,
         "contention": None if load is None else {
