@@ -108,7 +108,9 @@ def old_run(smoke_runs, tmp_path_factory) -> Path:
         logits = new.get_layer("logits")
         old_output = keras.layers.Dense(logits.units, activation="softmax", dtype="float32",
                                         name="probabilities")
-        old = keras.Model(new.input, old_output(new.get_layer("head_dropout").output), name=new.name)
+        # older runs' head Dropout was keras' own (before train.portable_random)
+        dropout = keras.layers.Dropout(0.5, name="head_dropout")(new.get_layer("head_dense").output)
+        old = keras.Model(new.input, old_output(dropout), name=new.name)
         old_output.set_weights(logits.get_weights())
         save_model(old, "{copy / 'model.keras'}", class_names)
     """
