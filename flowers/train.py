@@ -647,9 +647,9 @@ def measure(model: keras.Model, splits: data.Splits, cfg: Experiment) -> Measure
     eval_time_s = time.perf_counter() - start
     sample_images = next(iter(splits.val))[0].numpy()
     # timed on what users deploy: the model that returns probabilities
-    latency = latency_ms(with_probabilities(model).predict_on_batch, sample_images,
-                         cfg.train.latency_repeats)
-    predictions = np.concatenate([np.asarray(with_probabilities(model).predict_on_batch(x.numpy()))
+    deployed = with_probabilities(model)
+    latency = latency_ms(deployed.predict_on_batch, sample_images, cfg.train.latency_repeats)
+    predictions = np.concatenate([np.asarray(deployed.predict_on_batch(x.numpy()))
                                   for x, _ in splits.val])
     return Measured(scores, eval_time_s, latency, predictions)
 
@@ -670,8 +670,9 @@ def write_predictions(path: Path, probabilities: np.ndarray, splits: data.Splits
 
 def _random_draws(model: keras.Model, cfg: Experiment) -> dict[str, Any]:
     """metrics.json "portable_random" (flowers/randomness.py) of the model a run builds."""
-    frozen = [backbone_of(model)] if cfg.model.freeze_backbone else []
-    loaded = len(backbone_of(model).weights) if cfg.model.weights != "none" else 0
+    backbone = backbone_of(model)
+    frozen = [backbone] if cfg.model.freeze_backbone else []
+    loaded = len(backbone.weights) if cfg.model.weights != "none" else 0
     return randomness.summary(model, cfg.train.portable_random, frozen, loaded)
 
 
