@@ -327,9 +327,10 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
               help="Class folder of real photos (default: ../shared/data/flowers12 if present, "
                    "else synthetic images).")
 @click.option("--variants", "variant_keys", default="all", show_default=True,
-              help="Experiment keys whose other values get a forward variant each: 'all', "
-                   "'none' or a comma list of model.data_format, train.jit_compile, "
-                   "train.dtype_policy, model.fold_batchnorm, model.backend_kernel_layout.")
+              help="Experiment keys whose other values get a variant each (a forward pass; "
+                   "train.portable_random a train step): 'all', 'none' or a comma list of "
+                   "model.data_format, train.jit_compile, train.dtype_policy, model.fold_batchnorm, "
+                   "model.backend_kernel_layout, train.portable_random.")
 @click.option("--backbone", default="ResNet50", show_default=True,
               help="model.backbone of every measured model: a keras.applications name, "
                    "package.module:function or hub:PRESET (native twins: ResNet50 only).")
