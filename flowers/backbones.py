@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowers.errors import FlowersError
+from flowers.paths import PROJECT_ROOT
 
 DEFAULT = "ResNet50"
 HUB_PREFIX = "hub:"
@@ -227,8 +228,6 @@ def load_function(name: str) -> Callable[..., Any]:
     """Import the function that "package.module:function" names."""
     module_name, _, function_name = name.partition(":")
     import sys
-
-    from flowers.config import PROJECT_ROOT
 
     # like `python -m`: modules from PYTHONPATH, the current directory, then the project root (so
     # "experiments.custom_backbone:small_cnn" works wherever flowers runs from)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from flowers import __version__, backend, config, files, host, interrupt, runs, weights
+from flowers import __version__, backend, config, files, host, interrupt, paths, runs, weights
 from flowers import distribute as distribute_lib
 from flowers.errors import FlowersError, PeerLost
 
@@ -42,15 +42,13 @@ def cli() -> None:
 @cli.command()
 def info() -> None:
     """Installed backends and versions, devices, and where data and weights live."""
-    from flowers.export.run import exports_root
-
     installed = backend.installed_versions()
     machine = host.host_info()
     gpus = host.nvidia_gpus()
     versions = backend.versions("tensorflow")
     weights_file = weights.keras_cache_file()
     tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
-    shared = config.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
+    shared = paths.DEFAULT_PHOTOS
     lines = [
         f"flowers {__version__}  keras {versions['keras_version']}  "
         f"python {versions['python_version']}",
@@ -62,9 +60,9 @@ def info() -> None:
         *(f"  gpu         {name}" for name in gpus),
         *([] if gpus else ["  gpu         none found (nvidia-smi)"]),
         "data:",
-        f"  experiments {config.experiments_dir()} ({', '.join(config.list_experiments())})",
-        f"  runs        {runs.runs_root()}",
-        f"  exports     {exports_root()} (FLOWERS_EXPORTS_DIR)",
+        f"  experiments {paths.experiments_dir()} ({', '.join(config.list_experiments())})",
+        f"  runs        {paths.runs_root()}",
+        f"  exports     {paths.exports_root()} (FLOWERS_EXPORTS_DIR)",
         f"  tfds        {tfds_dir} (TFDS_DATA_DIR)",
         f"  weights     {weights_file} ({'cached' if weights_file.is_file() else 'not cached'})",
         f"  flowers12   {shared} ({'present' if shared.is_dir() else 'absent'})",
@@ -103,7 +101,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     experiments = [config.apply_overrides(exp, [f"train.seed={exp.train.seed + i}"])
                    for i in range(seeds)]
     name = backend.check_name(backend_name or DEFAULT_BACKEND)
-    root = runs.runs_root(runs_dir)
+    root = paths.runs_root(runs_dir)
     files.check_writable(root, "--runs-dir")
     resume_dir = None
     if resume:  # checked before select() imports the frameworks: a refusal takes a second
@@ -181,16 +179,16 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
 
     if run_dirs and experiment:
         raise FlowersError("give --experiment NAME or RUN_DIR arguments, not both")
-    files.check_writable(report.reports_root(out), "--out")
+    files.check_writable(paths.reports_root(out), "--out")
     if not run_dirs:
         if not experiment:
             raise FlowersError("nothing to compare: give --experiment NAME (newest complete runs "
                                "per backend and seed) or RUN_DIR arguments")
-        chosen, left_out = report.newest_runs(runs.runs_root(runs_dir), experiment)
+        chosen, left_out = report.newest_runs(paths.runs_root(runs_dir), experiment)
         for line in left_out:
             click.echo(line)
         run_dirs = tuple(chosen)
-    report_dir, comparison = report.compare(run_dirs, report.reports_root(out), allow_mixed)
+    report_dir, comparison = report.compare(run_dirs, paths.reports_root(out), allow_mixed)
     click.echo(report.render_table(comparison))
     click.echo(str(report_dir / "comparison.md"))
 
@@ -211,14 +209,13 @@ def parity(backends: str, image_size: int, backbone: str, out: Path | None) -> N
     is missed.
     """
     from flowers import parity as parity_check
-    from flowers import report
 
     names = parity_check.parse_backends(backends)
     # a bad --image-size or --backbone fails before any process starts
     parity_check.parity_experiment(image_size, backbone)
     result = parity_check.run_parity(names, image_size, on_step=lambda line: click.echo(f"  {line}"),
                                      backbone=backbone)
-    path = parity_check.write_parity(result, report.reports_root(out))
+    path = parity_check.write_parity(result, paths.reports_root(out))
     click.echo(parity_check.describe(result))
     click.echo(parity_check.format_table(result))
     for note in parity_check.notes(result):
@@ -244,7 +241,7 @@ def export_command(run_dir: Path, formats: str | None, out: Path | None) -> None
     from flowers.export import run as export
 
     # export_run checks the request before any framework loads, then selects tensorflow itself.
-    version_dir = export.export_run(run_dir, formats, export.exports_root(out),
+    version_dir = export.export_run(run_dir, formats, paths.exports_root(out),
                                     on_step=lambda line: click.echo(f"  {line}"))
     click.echo(export.render_results(export.read_manifest(version_dir)))
     click.echo(str(version_dir))
@@ -262,7 +259,7 @@ def exports_list(experiment: str | None, out: Path | None) -> None:
     """Versions with their source run, training backend, accuracy and formats."""
     from flowers.export import run as export
 
-    root = export.exports_root(out)
+    root = paths.exports_root(out)
     manifests = export.list_exports(root, experiment)
     if experiment and not manifests and experiment not in config.list_experiments():
         raise config.unknown_experiment(experiment)
@@ -345,7 +342,6 @@ def bench(backends: str, image_size: int, batch_size: int, image_sizes: str, con
     is the bench.md path.
     """
     from flowers import bench as benchmark
-    from flowers import report
 
     if images is None and benchmark.DEFAULT_IMAGES.is_dir():
         images = benchmark.DEFAULT_IMAGES
@@ -358,7 +354,7 @@ def bench(backends: str, image_size: int, batch_size: int, image_sizes: str, con
             variant_keys, tuple(k.strip() for k in variant_keys.split(",") if k.strip())),
         backbone=backbone.strip(), image_sizes=_sizes(image_sizes), contention=contention,
         memory=memory)
-    results, out_dir = benchmark.run_bench(settings, report.reports_root(out),
+    results, out_dir = benchmark.run_bench(settings, paths.reports_root(out),
                                            progress=lambda line: click.echo(line, err=True))
     click.echo(benchmark.markdown(results))
     click.echo(str(out_dir / "bench.md"))
@@ -438,7 +434,7 @@ def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, 
     settings = load.LoadSettings(url=load.predict_url(url, route, allow_remote),
                                  concurrency=load.parse_levels(concurrency), requests=request_count,
                                  duration_s=duration_s, instances=instances, timeout_s=timeout_s)
-    photos = load.load_photos(images or config.PROJECT_ROOT.parent / "shared" / "data" / "flowers12")
+    photos = load.load_photos(paths.photos_dir(images))
     result = load.run_loadtest(settings, photos)
     if out_file:
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +473,6 @@ def bench_serve(version_dir: Path, runtime_names: str | None, concurrency: str, 
 
     Writes OUT/serve/<device>/serve.json and serve.md; the last line printed is the serve.md path.
     """
-    from flowers import report
     from flowers.serve import bench as serve_bench
     from flowers.serve import loadtest as load
 
@@ -485,8 +480,8 @@ def bench_serve(version_dir: Path, runtime_names: str | None, concurrency: str, 
         version_dir=str(version_dir), runtimes=serve_bench.parse_runtimes(version_dir, runtime_names),
         concurrency=load.parse_levels(concurrency), requests=request_count, duration_s=duration_s,
         max_batch=max_batch, max_wait_ms=max_wait_ms,
-        images=str(images or config.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"))
-    results, out_dir = serve_bench.run_bench_serve(settings, report.reports_root(out),
+        images=str(paths.photos_dir(images)))
+    results, out_dir = serve_bench.run_bench_serve(settings, paths.reports_root(out),
                                                    progress=lambda line: click.echo(line, err=True))
     click.echo(serve_bench.markdown(results))
     click.echo(str(out_dir / "serve.md"))

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flowers.errors import FlowersError
+from flowers.paths import experiments_dir, resolve_path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # np.random.seed (which keras.utils.set_random_seed calls under every backend) takes 0..2**32-1.
 MAX_SEED = 2**32 - 1
 
@@ -167,30 +167,6 @@ class Experiment:
         settings = {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def experiments_dir() -> Path:
-    """experiments/ of this checkout, or $FLOWERS_EXPERIMENTS_DIR."""
-    env = os.environ.get("FLOWERS_EXPERIMENTS_DIR")
-    return Path(env) if env else PROJECT_ROOT / "experiments"
-
-
-def resolve_path(text: str) -> Path:
-    """A path from an experiment: `~` expanded, a relative path taken from the project root.
-
-    Experiment files and run config.json files live in and under the project, next to the
-    runs/exports/reports roots that resolve from it too, so one rule holds wherever flowers is run
-    from. Paths given with --set are made absolute from the current directory first
-    (apply_overrides), so they never reach this rule as relative paths.
-    """
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else Path(os.path.normpath(PROJECT_ROOT / path))
-
-
-def project_relative(path: str | Path) -> str:
-    """`path` as reports record it: relative to the project root (e.g. ../shared/data/flowers12),
-    so a committed report never names a folder of the machine that wrote it."""
-    return os.path.relpath(Path(path).resolve(), PROJECT_ROOT.resolve()) if str(path) else ""
 
 
 def list_experiments() -> list[str]:

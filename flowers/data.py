@@ -16,7 +16,7 @@ the same order. It depends on nothing but (seed, epoch): `Splits.train_epochs(fi
 starts a resumed run at exactly the batches it would have seen, and every backend gets the same
 batches because they all consume this one tf.data pipeline.
 
-Decoding. One decoder decides what an image is: Pillow (`decode_image_bytes`), converting every
+Decoding. One decoder decides what an image is: Pillow (`flowers.images.decode_image_bytes`), converting every
 mode (palette, 1-bit, grey, RGBA, CMYK) to RGB. The readability check when a folder is scanned,
 training (through tf.numpy_function), `flowers predict` and the export checks all use it, so a
 file that passes the check is read with the same pixels everywhere.
@@ -39,12 +39,8 @@ model, so exported models take plain RGB images too.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
-import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -52,17 +48,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from flowers import host
 from flowers.config import DataConfig, source_kind
 from flowers.errors import FlowersError
+from flowers.folders import scan_folder
+from flowers.images import decode_image_bytes, resize_image
 
-# What Pillow may decode for training (format names as Pillow reports them).
-IMAGE_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
 # Cache decoded images only while they take at most this share of the available RAM.
 CACHE_RAM_SHARE = 0.5
-# Folder names taken as the validation split beside train/, in order of preference: a held-out
-# test/ folder is used only when no validation folder exists.
-VAL_DIR_NAMES = ("val", "valid", "validation", "dev", "eval", "test")
-log = logging.getLogger(__name__)
 OFFLINE_ADVICE = "use --set data.source=folder:PATH, data.source=synthetic, or --experiment smoke"
 
 
@@ -329,137 +322,6 @@ def _decode_tensor(data):
     return image
 
 
-def decode_image_bytes(data: bytes, draft_size: int | None = None) -> np.ndarray:
-    """The one image decoder: an encoded file's bytes -> uint8 RGB [H, W, 3] (first frame).
-
-    draft_size (the folder check only) lets JPEG decode at a reduced scale: every byte is still
-    read and checked, in a fraction of the time.
-
-    Raises:
-        ValueError: not an image, an unsupported format, or a corrupt file.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in IMAGE_FORMATS:
-                raise ValueError(f"unsupported image format {image.format}")
-            if draft_size:
-                image.draft("RGB", (draft_size, draft_size))
-            return np.asarray(image.convert("RGB"))
-    except UnidentifiedImageError:
-        raise ValueError("not an image") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"corrupt ({exc})") from None
-
-
-def resize_image(image, image_size: int):
-    """Resize one decoded RGB image (any dtype, 0..255) to uint8 [image_size, image_size, 3]."""
-    import tensorflow as tf
-
-    resized = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
-def decode_and_resize(data: bytes, image_size: int) -> np.ndarray:
-    """An encoded image file's bytes -> uint8 [image_size, image_size, 3], as training sees it.
-
-    `flowers predict` and `flowers serve` both go through here, so a served photo gets the same
-    pixels as the same file given to predict.
-
-    Raises:
-        ValueError: not an image, an unsupported format, or a corrupt file.
-    """
-    return resize_image(decode_image_bytes(data), image_size).numpy()
-
-
-def load_image_files(paths: Sequence[str | Path], image_size: int) -> np.ndarray:
-    """Images for prediction, decoded exactly as training decodes them: uint8 [N,S,S,3].
-
-    Raises:
-        FlowersError: a file is missing, not an image, or corrupt.
-    """
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FlowersError(f"image file not found: {path}")
-        try:
-            images.append(decode_and_resize(Path(path).read_bytes(), image_size))
-        except ValueError as exc:
-            raise FlowersError(f"cannot read image {path}: {exc}") from None
-    return np.stack(images)
-
-
-@dataclass
-class FolderListing:
-    """A scanned image folder: readable files with labels, and the files that were skipped."""
-
-    class_names: list[str]
-    train_files: list[str]
-    train_labels: list[int]
-    val_files: list[str]
-    val_labels: list[int]
-    skipped_files: list[str]
-    split_dirs: tuple[str, str] | None = None
-
-
-def scan_folder(root: Path, val_fraction: float, seed: int) -> FolderListing:
-    """List a class-per-subfolder image folder and check every file decodes.
-
-    Uses root/train with a validation folder (val, valid, validation, dev, eval, else test) when
-    present; otherwise splits each class by val_fraction (stratified, seeded). Unreadable files
-    are skipped and listed. A class folder holding subfolders of images is refused: it is almost
-    always a split layout whose names were not recognised, which would otherwise train on the
-    split names as classes.
-    """
-    split_dirs = _explicit_split_dirs(root)
-    if split_dirs:
-        train_dir, val_dir = split_dirs
-        class_names = _class_dirs(train_dir)
-        extra = sorted(set(_class_dirs(val_dir, required=False)) - set(class_names))
-        if extra:
-            raise FlowersError(f"{val_dir} has classes missing from {train_dir}: {', '.join(extra)}")
-        train_per_class = [_list_files(train_dir / c) for c in class_names]
-        val_per_class = [_list_files(val_dir / c) if (val_dir / c).is_dir() else []
-                         for c in class_names]
-    else:
-        class_names = _class_dirs(root)
-        train_per_class, val_per_class = [], []
-        rng = np.random.default_rng(seed)
-        for name in class_names:
-            files = _list_files(root / name)
-            order = rng.permutation(len(files))
-            n_val = int(round(len(files) * val_fraction)) if len(files) > 1 else 0
-            val_per_class.append(sorted(files[i] for i in order[:n_val]))
-            train_per_class.append(sorted(files[i] for i in order[n_val:]))
-
-    every_file = [f for group in (*train_per_class, *val_per_class) for f in group]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        problems = dict(zip(every_file, pool.map(_image_problem, every_file), strict=True))
-    skipped = [str(f) for f, problem in problems.items() if problem]
-    if skipped:
-        first = "; ".join(f"{f}: {problems[Path(f)]}" for f in skipped[:3])
-        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), root, first, more)
-
-    def keep(per_class: list[list[Path]]) -> tuple[list[str], list[int]]:
-        pairs = [(str(f), label) for label, files in enumerate(per_class) for f in files
-                 if not problems[f]]
-        return [p for p, _ in pairs], [label for _, label in pairs]
-
-    train_files, train_labels = keep(train_per_class)
-    val_files, val_labels = keep(val_per_class)
-    empty = [name for label, name in enumerate(class_names) if label not in set(train_labels)]
-    if empty:
-        raise FlowersError(f"{root}: no readable training images for class(es) {', '.join(empty)}")
-    if not val_files:
-        raise FlowersError(f"{root}: no readable validation images (add more images per class "
-                           "or a val/ folder)")
-    names = (split_dirs[0].name, split_dirs[1].name) if split_dirs else None
-    return FolderListing(class_names, train_files, train_labels, val_files, val_labels, skipped,
-                         names)
-
-
 def synthetic_images(config: DataConfig, seed: int):
     """Generated, learnable images: each class has its own colour and stripe direction, plus noise.
 
@@ -577,10 +439,10 @@ def _tfds_examples(name: str, train_split: str, val_split: str):
         raise FlowersError(f"unknown tensorflow-datasets dataset {name!r} (see "
                            "https://www.tensorflow.org/datasets/catalog)") from None
     if not builder.is_prepared():
-        host = urlparse(builder.info.homepage or "").hostname or "storage.googleapis.com"
-        if not can_reach(host):
+        host_name = urlparse(builder.info.homepage or "").hostname or "storage.googleapis.com"
+        if not host.can_reach(host_name):
             raise FlowersError(
-                f"tfds:{name} is not in {builder.data_dir} and must be downloaded, but {host} "
+                f"tfds:{name} is not in {builder.data_dir} and must be downloaded, but {host_name} "
                 f"cannot be reached (offline?); {OFFLINE_ADVICE}"
             )
         try:
@@ -607,61 +469,7 @@ def _tfds_examples(name: str, train_split: str, val_split: str):
         examples.append(Examples(items, np.array([label for _, label in pairs], np.int32), "bytes"))
     return examples[0], examples[1], list(builder.info.features[label_key].names)
 
-def can_reach(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
-    """True when a TCP connection to host:port opens (used before a download, to fail fast)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def _fits_in_memory(num_bytes: int) -> bool:
     import psutil
 
     return num_bytes <= CACHE_RAM_SHARE * psutil.virtual_memory().available
-
-
-def _explicit_split_dirs(root: Path) -> tuple[Path, Path] | None:
-    if not (root / "train").is_dir():
-        return None
-    for name in VAL_DIR_NAMES:
-        if (root / name).is_dir():
-            return root / "train", root / name
-    return None
-
-
-def _class_dirs(root: Path, required: bool = True) -> list[str]:
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if required and not names:
-        raise FlowersError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
-    if required and len(names) < 2:
-        raise FlowersError(f"{root} has a single class ({names[0]}); a classifier needs at least 2")
-    for name in names:
-        nested = sorted(p.name for p in (root / name).iterdir()
-                        if p.is_dir() and not p.name.startswith("."))
-        if nested:
-            shown = ", ".join(nested[:3]) + (", ..." if len(nested) > 3 else "")
-            raise FlowersError(
-                f"{root / name} holds subfolders ({shown}), so its classes would be folder names; "
-                f"expected {root}/<class>/<images>, or train/ beside one of "
-                f"{', '.join(VAL_DIR_NAMES)} with <class>/<images> in each")
-    return names
-
-
-def _list_files(folder: Path) -> list[Path]:
-    """The files of a class folder; a broken or looping symlink is listed too, so that it is
-    skipped with its reason (is_file() alone would drop it without a word)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and
-                  (p.is_file() or (p.is_symlink() and not p.exists())))
-
-
-def _image_problem(path: Path) -> str | None:
-    """None when the file decodes with the training decoder, else what is wrong with it."""
-    try:
-        decode_image_bytes(path.read_bytes(), draft_size=64)
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    except ValueError as exc:
-        return str(exc)
-    return None

@@ -11,12 +11,14 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flowers.config import PROJECT_ROOT
 from flowers.errors import FlowersError
+from flowers.paths import PROJECT_ROOT
+from flowers.processes import run_command
 
 
 def package_version(distribution: str) -> str | None:
@@ -54,8 +56,6 @@ def host_info() -> dict[str, Any]:
 
 def nvidia_gpus() -> list[str]:
     """Names of NVIDIA GPUs reported by nvidia-smi (empty without a driver); imports no framework."""
-    from flowers.workers import run_command
-
     if shutil.which("nvidia-smi") is None:
         return []
     try:
@@ -67,8 +67,6 @@ def nvidia_gpus() -> list[str]:
 
 def git_state() -> dict[str, Any]:
     """Commit of this checkout, and whether its tree has uncommitted changes."""
-    from flowers.workers import run_command
-
     try:
         commit = run_command(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"])
         dirty = bool(run_command(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain"]))
@@ -76,6 +74,15 @@ def git_state() -> dict[str, Any]:
         return {"commit": None, "dirty": None,
                 "null_reason": f"not a git checkout or git unavailable ({exc})"}
     return {"commit": commit, "dirty": dirty}
+
+
+def can_reach(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
+    """True when a TCP connection to host:port opens (used before a download, to fail fast)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -109,14 +108,6 @@ class Run:
     @property
     def backend(self) -> str:
         return self.metrics["backend"]
-
-
-def reports_root(override: str | Path | None = None) -> Path:
-    """--out, else $FLOWERS_REPORTS_DIR, else reports/ of this checkout."""
-    if override:
-        return Path(override)
-    env = os.environ.get("FLOWERS_REPORTS_DIR")
-    return Path(env) if env else config.PROJECT_ROOT / "reports"
 
 
 def run_seed(run_dir: Path, metrics: Mapping[str, Any] | None = None) -> int:

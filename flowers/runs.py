@@ -17,19 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from flowers import files
-from flowers.config import Experiment, apply_overrides, differences, experiments_dir, from_dict
+from flowers.config import Experiment, apply_overrides, differences, from_dict
 from flowers.errors import FlowersError
 from flowers.files import INCOMPLETE_PREFIX
 
 RUN_FILES = ("config.json", "metrics.json", "history.csv", "model.keras")
-
-
-def runs_root(override: str | Path | None = None) -> Path:
-    """--runs-dir, else $FLOWERS_RUNS_DIR, else experiments/runs."""
-    if override:
-        return Path(override)
-    env = os.environ.get("FLOWERS_RUNS_DIR")
-    return Path(env) if env else experiments_dir() / "runs"
 
 
 def new_run_id() -> str:

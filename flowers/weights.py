@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from flowers import host
 from flowers.backbones import DEFAULT, IMAGENET_HOST, Backbone, resolve
-from flowers.data import can_reach
 from flowers.errors import FlowersError
 
 
@@ -30,7 +30,7 @@ def check_available(spec: Backbone, weights: str) -> None:
     if weights != "imagenet" or spec.kind != "application":
         return
     cached = keras_cache_file(spec)
-    if cached.is_file() or can_reach(IMAGENET_HOST):
+    if cached.is_file() or host.can_reach(IMAGENET_HOST):
         return
     raise FlowersError(
         f"{spec.name} ImageNet weights are not cached ({cached}) and {IMAGENET_HOST} cannot be "

@@ -1,4 +1,4 @@
-"""Child processes: the one home of subprocess use in flowers.
+"""Worker protocols: work under another Keras backend, in a child process.
 
 A process can run one Keras backend only, so work under another backend runs in a child process
 (`python -m <module> ...`). Two protocols, one rule for failures:
@@ -15,9 +15,9 @@ FlowersError("<what> under <backend> failed: <line>"), so the child's one-line e
 Any other exit is a crash: "<what> under <backend> crashed (exit status N): <last stderr line>"
 (the last exception line when there is one, e.g. the last line of a traceback).
 
-Every child gets child_env(): the parent's environment without KERAS_BACKEND (each child selects its
-own) and with Python warnings off. run_command runs plain tools (git, nvidia-smi); start_process /
-stop_process run servers.
+Every child gets processes.child_env(): the parent's environment without KERAS_BACKEND (each child
+selects its own) and with Python warnings off. Plain tools and servers are started by
+flowers/processes.py.
 """
 
 from __future__ import annotations
@@ -26,31 +26,18 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from flowers import files
 from flowers.errors import FlowersError
+from flowers.processes import child_env
 
 LINES_FLAG = "--lines"
-Process = subprocess.Popen  # what start_process returns
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b")
-
-
-def child_env(cpu_only: bool = False, drop: Iterable[str] = ()) -> dict[str, str]:
-    """The environment of a flowers child process (see the module docstring).
-
-    cpu_only hides every GPU from the child (CUDA_VISIBLE_DEVICES=""); drop removes more variables.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND" and k not in set(drop)}
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    if cpu_only:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
 
 
 def failure(what: str, backend_name: str, returncode: int | None, stderr: str) -> str:
@@ -215,30 +202,3 @@ class LineWorker:
                 self.process.kill()
                 self.process.wait()
         self._log_file.close()
-
-
-def run_command(args: Sequence[str], timeout_s: float = 30) -> str:
-    """Run a plain tool (git, nvidia-smi); its stripped stdout, or FlowersError saying why not."""
-    try:
-        done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout_s,
-                              check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise FlowersError(f"{args[0]}: {type(exc).__name__}") from None
-    return done.stdout.strip()
-
-
-def start_process(args: Sequence[str], log: IO[str], drop_env: Iterable[str] = ()) -> subprocess.Popen:
-    """Start a long-running flowers process (a server) with child_env(), output to log."""
-    return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT,
-                            env=child_env(drop=drop_env))
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float) -> int:
-    """SIGTERM, wait for the graceful exit, SIGKILL after timeout_s; returns the exit status."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return process.wait()

@@ -224,13 +224,14 @@ def test_native_twin_is_the_same_network(backend, flowers12):
     driver = f"""
         import json
         import numpy as np
-        from flowers import backend, config, data
+        from flowers import backend, config
+        from flowers.images import load_image_files
         backend.select("{backend}")
         import keras
         from flowers.bench import native
         from flowers.model import build_model
         keras.utils.set_random_seed(1)
-        images = data.load_image_files(sorted(p for p in __import__("pathlib").Path(
+        images = load_image_files(sorted(p for p in __import__("pathlib").Path(
             "{flowers12}/test/daisy").glob("*.jpg"))[:4], 64).astype("float32")
         out = {{}}
         for fmt in ("channels_last", "channels_first") if "{backend}" == "torch" else ("channels_last",):

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from flowers import config
+from flowers import config, paths
 from flowers.errors import FlowersError
 
 
@@ -119,7 +119,7 @@ def test_resume_differences_name_each_setting_and_ignore_path_spelling():
     assert config.differences(started, bare) == [("train.epochs", 3, 8)]
     # the file's relative folder and --set's absolute spelling of the same folder are one place
     absolute = config.load_experiment(
-        "flowers12", [f"data.source=folder:{config.PROJECT_ROOT.parent / 'shared/data/flowers12'}",
+        "flowers12", [f"data.source=folder:{paths.PROJECT_ROOT.parent / 'shared/data/flowers12'}",
                       "train.epochs=3"]).to_dict()
     assert absolute["data"]["source"] != started["data"]["source"]
     assert config.differences(started, absolute) == []
@@ -130,7 +130,7 @@ def test_resume_differences_name_each_setting_and_ignore_path_spelling():
 
 def _documented_keys(section: str) -> str:
     """The README bullet that lists [section]'s keys (up to the next bullet or blank line)."""
-    lines = (config.PROJECT_ROOT / "README.md").read_text().splitlines()
+    lines = (paths.PROJECT_ROOT / "README.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"- `[{section}]`"))
     end = next(i for i in range(start + 1, len(lines))
                if not lines[i].strip() or lines[i].startswith("- "))

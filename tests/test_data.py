@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from flowers import config
-from flowers.data import decode_image_bytes, load_image_files, scan_folder, synthetic_images
+from flowers.data import synthetic_images
 from flowers.errors import FlowersError
+from flowers.folders import scan_folder
+from flowers.images import decode_image_bytes, load_image_files
 
 
 def _photo_folder(tmp_path, flowers12, classes=3, per_class=5):
@@ -181,7 +183,7 @@ def test_a_photo_without_read_permission_is_skipped_with_its_reason(tmp_path, fl
     as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from flowers.data import scan_folder
+        from flowers.folders import scan_folder
         listing = scan_folder(Path("{root}"), 0.2, seed=0)
         print(len(listing.train_files) + len(listing.val_files))
         print(*listing.skipped_files, sep=chr(10))

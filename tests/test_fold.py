@@ -17,7 +17,7 @@ CHECK = """
     backend.select("{backend}")
     import keras, numpy as np
     from flowers.config import ModelConfig
-    from flowers.data import load_image_files
+    from flowers.images import load_image_files
     from flowers.fold import Rewrite
     from flowers.model import backbone_of, build_model, load_model, rewrite_classifier, save_model
 

@@ -33,7 +33,7 @@ def test_no_warning_without_a_gpu_or_when_the_build_uses_it(monkeypatch, gpus, d
 def test_every_gpu_extra_named_in_the_fix_exists():
     import tomllib
 
-    from flowers.config import PROJECT_ROOT
+    from flowers.paths import PROJECT_ROOT
 
     extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["tensorflow-gpu"] == ["tensorflow[and-cuda]==2.21.0"]

@@ -18,7 +18,7 @@ def _epochs(backend: str, experiment: str, sets: list[str], tfds_mock: bool = Fa
     """Labels and batch hashes of epochs 0..EPOCHS-1, plus epoch 1 alone (as a resumed run reads it)."""
     driver = f"""
         import hashlib, json
-        from flowers import backend, config
+        from flowers import backend, config, host
         backend.select({backend!r})
         from flowers import data
 
@@ -47,7 +47,7 @@ def _epochs(backend: str, experiment: str, sets: list[str], tfds_mock: bool = Fa
             import tensorflow_datasets as tfds
             from PIL import Image
             import io
-            data.can_reach = lambda *args, **kwargs: True
+            host.can_reach = lambda *args, **kwargs: True
 
             def class_sorted(self, split, decoders=None, read_config=None, **kwargs):
                 # 4 classes x 25 images, sorted by class like many prepared datasets

@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from conftest import PROJECT_ROOT, one_line_error
-from flowers import config, files, runs
-from flowers.data import scan_folder
+from flowers import config, files, paths, runs
 from flowers.errors import FlowersError
 from flowers.export import run as export
+from flowers.folders import scan_folder
 
 
 def test_experiment_paths_resolve_from_the_project_root_wherever_flowers_runs(
@@ -25,7 +25,7 @@ def test_experiment_paths_resolve_from_the_project_root_wherever_flowers_runs(
     assert experiment.data.source == "folder:../shared/data/flowers12"  # stored as written
     kind, folder = config.source_kind(experiment.data.source)
     assert (kind, folder) == ("folder", str(flowers12))
-    listing = scan_folder(config.resolve_path(folder), experiment.data.val_fraction,
+    listing = scan_folder(paths.resolve_path(folder), experiment.data.val_fraction,
                           experiment.train.seed)
     assert len(listing.class_names) == 12
     assert (len(listing.train_files), len(listing.val_files)) == (720, 240)

@@ -81,11 +81,11 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
     """tfds:oxford_flowers102 with the baseline's splits, driven by tfds.testing.mock_data."""
     driver = f"""
         import tensorflow_datasets as tfds
-        import flowers.data
+        import flowers.host
         from flowers.cli import main
         # mock_data fakes the download and the records, but the builder still reports the data as
         # not prepared, so the pre-download network probe must be told the host is reachable.
-        flowers.data.can_reach = lambda *args, **kwargs: True
+        flowers.host.can_reach = lambda *args, **kwargs: True
         with tfds.testing.mock_data(num_examples=40):
             main(["train", "-e", "baseline", "--backend", "tensorflow", "--runs-dir", "{tmp_path}",
                   "--set", "model.weights=none", "--set", "data.image_size=32",

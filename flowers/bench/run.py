@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backbones, backend, config, files, host
+from flowers import backbones, backend, files, host, paths
 from flowers.bench import contention, hardware, native
 from flowers.bench.render import markdown
 from flowers.bench.variants import variant_baseline
@@ -79,7 +79,7 @@ NATIVE_MEMORY = {"forward_batch": "native_forward", "train_step": "native_train"
 # Below this side the forward-vs-fastest goal is forward_vs_fastest_small: per-call overheads
 # (Python, kernel launches, layout copies) weigh more where each convolution has little work.
 SMALL_IMAGE_BELOW = 224
-DEFAULT_IMAGES = config.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
+DEFAULT_IMAGES = paths.DEFAULT_PHOTOS
 WORKER_MODULE = "flowers.bench.worker"
 
 
@@ -186,7 +186,7 @@ def run_bench(settings: BenchSettings, out_root: Path,
         "backbone": settings.backbone,
         "device": device,
         "host": host.host_info(),
-        "settings": {**asdict(settings), "images": config.project_relative(settings.images)},
+        "settings": {**asdict(settings), "images": paths.project_relative(settings.images)},
         "method": __doc__.split("Method (written into bench.json beside the figures):")[1].strip(),
         "peak": peak,
         "contention": None if load is None else {

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config, data, files, workers
+from flowers import backend, config, data, files, folders, workers
 from flowers.bench.variants import variant_baseline
 from flowers.metrics import time_calls
 
@@ -344,7 +344,7 @@ def one_shot(request: dict[str, Any]) -> dict[str, Any]:
 
 def _subset(root: Path, target: Path, per_class: int) -> Path:
     """A train/test folder of links to the first images of each class (a fixed image count)."""
-    listing = data.scan_folder(root, 0.2, seed=0)
+    listing = folders.scan_folder(root, 0.2, seed=0)
     for split, paths, labels, count in (("train", listing.train_files, listing.train_labels, per_class),
                                         ("test", listing.val_files, listing.val_labels,
                                          max(1, per_class // 2))):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import platform
 import re
 import shutil
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from flowers import __version__, backend, data, faults, files, host, runs, tables, workers
-from flowers.config import PROJECT_ROOT, Experiment
+from flowers.config import Experiment
 from flowers.errors import FlowersError
 from flowers.export import runtimes
 from flowers.export.runtimes import EXPORT_EXTRA, FORMAT_PATHS, FORMATS, MANIFEST
@@ -70,14 +69,6 @@ VERSION_NAME = re.compile(r"^v(\d+)$")
 # Distributions whose versions go into the manifest.
 PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib", "numpy", "onnx",
             "onnxruntime", "tf2onnx", "onnxscript", "ai-edge-litert")
-
-
-def exports_root(override: str | Path | None = None) -> Path:
-    """--out, else $FLOWERS_EXPORTS_DIR, else exports/ of this checkout."""
-    if override:
-        return Path(override)
-    env = os.environ.get("FLOWERS_EXPORTS_DIR")
-    return Path(env) if env else PROJECT_ROOT / "exports"
 
 
 def parse_formats(text: str | Iterable[str]) -> list[str]:

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from flowers import data, files, host
+from flowers import files, host
 from flowers.errors import FlowersError
+from flowers.images import load_image_files
 from flowers.metrics import time_calls
 
 FORMATS = ("keras", "savedmodel", "onnx", "tflite")
@@ -154,7 +155,7 @@ def predict_files(model_path: str | Path, image_paths: Sequence[str | Path],
     """
     model = open_model(model_path)
     names = class_names_for(model_path, model)
-    images = data.load_image_files(image_paths, model.image_size).astype(np.float32)
+    images = load_image_files(image_paths, model.image_size).astype(np.float32)
     probabilities = np.concatenate([model.predict(images[i:i + PREDICT_BATCH])
                                     for i in range(0, len(images), PREDICT_BATCH)])
     return [{"image": str(path), "top": top_classes(row, names, top)}

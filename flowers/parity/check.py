@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, config, files, tables, workers
+from flowers import backend, config, files, paths, tables, workers
 from flowers.errors import FlowersError
 
 PARITY_EXPERIMENT = "flowers12"
@@ -106,7 +106,7 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
         FlowersError: unknown backend, bad image size, flowers12 photos missing, or a worker
             failing (its one-line reason is passed on).
     """
-    from flowers.data import scan_folder
+    from flowers.folders import scan_folder
 
     step = on_step or (lambda line: None)
     backends = parse_backends(",".join(backends))
@@ -155,7 +155,7 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
         "backends": list(backends),
         "image_size": image_size,
         "backbone": experiment.model.backbone,
-        "images_from": config.project_relative(folder),
+        "images_from": paths.project_relative(folder),
         "num_forward_images": len(forward_files),
         "train_steps": TRAIN_STEPS,
         "train_batch_size": num_classes,

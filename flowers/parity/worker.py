@@ -84,7 +84,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     model = build_model(experiment.model, size, num_classes)
     calibrated = None
     if request["create"]:
-        from flowers.data import load_image_files
+        from flowers.images import load_image_files
 
         train_files = [f for step in request["train_steps"] for f in step]
         forward = load_image_files(request["forward_files"], size)

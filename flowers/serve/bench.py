@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import backend, files, host, workers
+from flowers import backend, files, host, processes, workers
 from flowers.errors import FlowersError
 from flowers.export.runtimes import FORMAT_PATHS, MANIFEST, RUNTIME_MODULES
 from flowers.serve import loadtest
@@ -233,7 +233,7 @@ def running_server(version_dir: Path, fmt: str, keras_backend: str, max_batch: i
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         # the Vertex AI variables would override --port and the routes
-        process = workers.start_process(command, log, drop_env=(
+        process = processes.start_process(command, log, drop_env=(
             "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE"))
         try:
             try:
@@ -247,7 +247,7 @@ def running_server(version_dir: Path, fmt: str, keras_backend: str, max_batch: i
             stop(process)
 
 
-def wait_until_ready(url: str, process: workers.Process, timeout_s: float) -> None:
+def wait_until_ready(url: str, process: processes.Process, timeout_s: float) -> None:
     """Poll GET /health until 200; raises FlowersError if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -263,9 +263,9 @@ def wait_until_ready(url: str, process: workers.Process, timeout_s: float) -> No
     raise FlowersError(f"server not ready after {timeout_s:g} s")
 
 
-def stop(process: workers.Process) -> int:
+def stop(process: processes.Process) -> int:
     """SIGTERM, wait for the graceful exit, SIGKILL after STOP_TIMEOUT_S; returns the exit status."""
-    return workers.stop_process(process, STOP_TIMEOUT_S)
+    return processes.stop_process(process, STOP_TIMEOUT_S)
 
 
 def free_port() -> int:
@@ -305,14 +305,14 @@ def _manifest(version_dir: Path) -> dict[str, Any]:
 
 def _in_process(request: dict[str, Any]) -> dict[str, Any]:
     """The child side of measure_in_process: request model, sizes, images, backend -> figures."""
-    from flowers import data
     from flowers.export import runtimes
+    from flowers.images import load_image_files
     from flowers.metrics import time_calls
 
     model = runtimes.open_model(request["model"])
     photo_files = sorted(p for p in Path(request["images"]).rglob("*")
                          if p.suffix.lower() in loadtest.PHOTO_SUFFIXES)
-    photos = data.load_image_files(photo_files[:INPROCESS_PHOTOS], model.image_size).astype(np.float32)
+    photos = load_image_files(photo_files[:INPROCESS_PHOTOS], model.image_size).astype(np.float32)
     images_per_s, p50_ms = {}, {}
     for size in request["sizes"]:
         batch = np.resize(photos, (size, *photos.shape[1:]))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flowers import data
+from flowers import images
 
 DEFAULT_TOP_K = 5
 KNOWN_KEYS = {"instances", "parameters", "signature_name"}
@@ -92,11 +92,11 @@ def _decode_instance(instance: Any, index: int, image_size: int) -> np.ndarray:
         except (binascii.Error, ValueError) as exc:
             raise ClientError(400, f"instance {index}: bad base64 ({exc})") from None
         try:
-            return data.decode_and_resize(encoded, image_size)
+            return images.decode_and_resize(encoded, image_size)
         except ValueError as exc:
             raise ClientError(400, f"instance {index}: cannot read the image: {exc}") from None
     if isinstance(instance, list):
-        return data.resize_image(_pixels(instance, index), image_size).numpy()
+        return images.resize_image(_pixels(instance, index), image_size).numpy()
     raise ClientError(400, f"instance {index}: {INSTANCE_FORMS}")
 
 

@@ -1,0 +1,61 @@
+"""Child processes: the one home of starting and stopping them (below every other flowers module).
+
+- child_env(): the environment of every flowers child: the parent's, without KERAS_BACKEND (each
+  child selects its own), with Python warnings off, optionally without GPUs.
+- run_command(): a plain tool (git, nvidia-smi), its stdout or one FlowersError line.
+- start_process() / stop_process(): a long-running flowers process (a server) and its graceful stop.
+
+The worker protocols built on these (a request file, or JSON lines, under one backend) are in
+flowers/workers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterable, Sequence
+from typing import IO
+
+from flowers.errors import FlowersError
+
+Process = subprocess.Popen  # what start_process returns
+
+
+def child_env(cpu_only: bool = False, drop: Iterable[str] = ()) -> dict[str, str]:
+    """The environment of a flowers child process (see the module docstring).
+
+    cpu_only hides every GPU from the child (CUDA_VISIBLE_DEVICES=""); drop removes more variables.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND" and k not in set(drop)}
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_command(args: Sequence[str], timeout_s: float = 30) -> str:
+    """Run a plain tool (git, nvidia-smi); its stripped stdout, or FlowersError saying why not."""
+    try:
+        done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout_s,
+                              check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise FlowersError(f"{args[0]}: {type(exc).__name__}") from None
+    return done.stdout.strip()
+
+
+def start_process(args: Sequence[str], log: IO[str], drop_env: Iterable[str] = ()) -> subprocess.Popen:
+    """Start a long-running flowers process (a server) with child_env(), output to log."""
+    return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT,
+                            env=child_env(drop=drop_env))
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM, wait for the graceful exit, SIGKILL after timeout_s; returns the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
