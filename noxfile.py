@@ -3,7 +3,8 @@
     nox -s train-torch train-tensorflow            # the reference job (EXPERIMENT=baseline default)
     nox -s train-jax -- --experiment smoke         # arguments after -- go to `flowers train`
     nox -s train-torch -- --cpu                    # force CPU builds (--gpu forces CUDA builds)
-    nox -s tests                                   # the test suite (what .ci/run runs)
+    nox -s tests                                   # the test suite, both tiers (what .ci/run runs)
+    nox -s unit                                    # the fast tier only: tests/unit, in-process
     nox -s train-torch train-tensorflow train-jax compare -- --experiment smoke   # matrix + report
     nox -s train-torch train-tensorflow train-jax compare -- -e flowers12 --seeds 3   # 3 seeds each,
                                                    # then the paired report (README, Honest comparisons)
@@ -147,8 +148,17 @@ def serve(session: nox.Session) -> None:
 
 
 @nox.session
+def unit(session: nox.Session) -> None:
+    """The fast tier (tests/unit): pure functions in one process, no training, under 2 minutes."""
+    # TensorFlow's CPU build only: the image resize that payload parsing shares with training is a
+    # TensorFlow op. No other backend, so a unit test that needs one fails here.
+    session.install("-e", ".[tensorflow]", "pytest>=8", "filelock>=3.12")
+    session.run("pytest", "tests/unit", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
-    """Lint, then the test suite (all three backends, CPU builds)."""
+    """Lint, then both tiers: tests/unit and the CLI tests (all three backends, CPU builds)."""
     session.install("-e", ".[test]")
     # KerasHub for tests/test_hub.py, without its tensorflow-text requirement: that pulls the full
     # `tensorflow` over tensorflow-cpu (same module folder), and image backbones never import it.
