@@ -1,0 +1,41 @@
+"""`flowers info`: installed backends and versions, devices, and where data and weights live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from flowers import __version__, backend, config, host, paths, weights
+
+
+@click.command()
+def info() -> None:
+    """Installed backends and versions, devices, and where data and weights live."""
+    installed = backend.installed_versions()
+    machine = host.host_info()
+    gpus = host.nvidia_gpus()
+    versions = backend.versions("tensorflow")
+    weights_file = weights.keras_cache_file()
+    tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
+    shared = paths.DEFAULT_PHOTOS
+    lines = [
+        f"flowers {__version__}  keras {versions['keras_version']}  "
+        f"python {versions['python_version']}",
+        "backends:",
+        *(f"  {name:<11} {version or 'not installed (pip install -e .[' + name + '])'}"
+          for name, version in installed.items()),
+        f"devices:\n  cpu         {machine['cpu_model']} ({machine['cpu_count']} logical cores, "
+        f"{machine['ram_gb']} GiB RAM)",
+        *(f"  gpu         {name}" for name in gpus),
+        *([] if gpus else ["  gpu         none found (nvidia-smi)"]),
+        "data:",
+        f"  experiments {paths.experiments_dir()} ({', '.join(config.list_experiments())})",
+        f"  runs        {paths.runs_root()}",
+        f"  exports     {paths.exports_root()} (FLOWERS_EXPORTS_DIR)",
+        f"  tfds        {tfds_dir} (TFDS_DATA_DIR)",
+        f"  weights     {weights_file} ({'cached' if weights_file.is_file() else 'not cached'})",
+        f"  flowers12   {shared} ({'present' if shared.is_dir() else 'absent'})",
+    ]
+    click.echo("\n".join(lines))
