@@ -56,9 +56,10 @@ MIN_VERIFICATION_IMAGES = 32
 VERSION_NAME = re.compile(r"^v(\d+)$")
 # The format training writes: an export copies the run's model.keras, the reference of every other.
 SOURCE_FORMAT = "keras"
-# Distributions whose versions go into the manifest.
-PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib", "numpy", "onnx",
-            "onnxruntime", "tf2onnx", "onnxscript", "ai-edge-litert")
+# Distributions whose versions go into the manifest: the backends', then every format's runtime and
+# writers' (flowers.export.formats).
+PACKAGES = tuple(dict.fromkeys(("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib",
+                                "numpy", *registry.packages(writers=True))))
 
 
 def exports_root(override: str | Path | None = None) -> Path:

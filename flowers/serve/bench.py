@@ -49,8 +49,11 @@ STARTUP_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 90
 ROW_HEADER = ("runtime", "max batch", "concurrency", "requests/s", "images/s", "p50 ms", "p95 ms",
               "p99 ms", "errors", "mean batch", "in-process images/s (batch)", "overhead ratio")
-PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "torch", "jax", "onnxruntime", "ai-edge-litert",
-            "fastapi", "uvicorn", "starlette", "prometheus-client", "aiohttp", "pillow", "numpy")
+# Distributions whose versions serve.json records: the backends', every format's runtime
+# (flowers.export.formats), the server's.
+PACKAGES = tuple(dict.fromkeys((
+    "keras", "tensorflow-cpu", "tensorflow", "torch", "jax", *formats.packages(writers=False),
+    "fastapi", "uvicorn", "starlette", "prometheus-client", "aiohttp", "pillow", "numpy")))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 
 from flowers.errors import FlowersError
 from flowers.export import formats, runtimes
-from flowers.export.formats import REGISTRY, ExportFormat
+from flowers.export.formats import REGISTRY, ExportFormat, Writer
 
 FORMATS_DIR = Path(formats.__file__).parent
 # Libraries a format may import only inside its writer or opener (the registry is read first).
@@ -95,6 +95,37 @@ def test_format_lists_are_parsed_into_registry_order():
         parse_formats("onnx,pt")
     with pytest.raises(FlowersError, match="^no format given;"):
         parse_formats(" , ")
+
+
+def test_the_manifest_records_every_runtime_and_writer_package():
+    from flowers.export.run import PACKAGES
+
+    # The distributions manifests have recorded since the first export, each once.
+    assert len(PACKAGES) == len(set(PACKAGES))
+    assert set(PACKAGES) == {"keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib",
+                             "numpy", "onnx", "onnxruntime", "tf2onnx", "onnxscript", "ai-edge-litert"}
+    for record in RECORDS:
+        assert set(record.runtime_packages) <= set(PACKAGES), record.name
+        assert {p for w in record.writers for p in w.packages} <= set(PACKAGES), record.name
+
+
+def test_bench_serve_records_every_runtime_package_and_no_writer():
+    from flowers.serve.bench import PACKAGES
+
+    assert PACKAGES == ("keras", "tensorflow-cpu", "tensorflow", "torch", "jax", "onnxruntime",
+                        "ai-edge-litert", "fastapi", "uvicorn", "starlette", "prometheus-client",
+                        "aiohttp", "pillow", "numpy")
+    assert set(formats.packages(writers=False)) <= set(PACKAGES)
+    assert {"onnx", "tf2onnx", "onnxscript"}.isdisjoint(PACKAGES)
+
+
+def test_packages_come_from_the_records(monkeypatch):
+    extra = dataclasses.replace(REGISTRY["tflite"], name="extra", runtime_packages=("extra-rt",),
+                                writers=(Writer("tensorflow", ("extra",), ("extra-writer",)),))
+    monkeypatch.setitem(REGISTRY, "extra", extra)
+    assert formats.packages(writers=False)[-1] == "extra-rt"
+    assert formats.packages(writers=True)[-2:] == ("extra-rt", "extra-writer")
+    assert "extra-writer" not in formats.packages(writers=False)
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)

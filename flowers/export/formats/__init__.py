@@ -31,7 +31,7 @@ from flowers.errors import FlowersError
 from flowers.export.formats.base import ExportFormat, LoadedModel, Writer
 
 __all__ = ["NAMES", "REGISTRY", "SERVE_PREFERENCE", "ExportFormat", "LoadedModel", "Writer", "get",
-           "parse_names", "tolerance"]
+           "packages", "parse_names", "tolerance"]
 
 # Modules of this package that define no format.
 _NOT_FORMATS = frozenset({"base"})
@@ -83,6 +83,17 @@ def parse_names(names: Iterable[str]) -> list[str]:
         problem = f"unknown format {unknown[0]!r}" if unknown else "no format given"
         raise FlowersError(f"{problem}; choose from {', '.join(NAMES)} (comma-separated)")
     return [n for n in NAMES if n in names]
+
+
+def packages(*, writers: bool) -> tuple[str, ...]:
+    """The pip distributions of every format's runtime (and, with writers=True, of its writers),
+    in registry order without repeats: the versions a manifest or a serving benchmark records."""
+    found: list[str] = []
+    for record in REGISTRY.values():
+        found += record.runtime_packages
+        if writers:
+            found += [p for writer in record.writers for p in writer.packages]
+    return tuple(dict.fromkeys(found))
 
 
 def tolerance(names: Iterable[str]) -> float | dict[str, float]:
