@@ -213,3 +213,11 @@ def test_serve_names_the_registered_runtimes(tmp_path):
     with pytest.raises(FlowersError, match=r"holds no model file \(model.keras, savedmodel, "
                                            r"model.onnx, model.tflite\)$"):
         resolve_target(tmp_path, None, None, "tensorflow")
+
+
+def test_the_formats_table_has_a_row_per_format():
+    header, *rows = formats.table()
+    assert len(header) == 6 and all(len(row) == len(header) for row in rows)
+    assert [row[0] for row in rows] == list(formats.NAMES)
+    assert rows[0][2] == "copied from the run"
+    assert dict((row[0], row[2]) for row in rows)["onnx"] == "torch (torch+onnx) or tensorflow (tf2onnx+onnx)"

@@ -31,7 +31,7 @@ from flowers.errors import FlowersError
 from flowers.export.formats.base import ExportFormat, LoadedModel, Writer
 
 __all__ = ["NAMES", "REGISTRY", "SERVE_PREFERENCE", "ExportFormat", "LoadedModel", "Writer", "get",
-           "packages", "parse_names", "tolerance"]
+           "packages", "parse_names", "table", "tolerance"]
 
 # Modules of this package that define no format.
 _NOT_FORMATS = frozenset({"base"})
@@ -102,3 +102,14 @@ def tolerance(names: Iterable[str]) -> float | dict[str, float]:
     limits = {name: get(name).max_abs_prob_diff for name in names}
     shared = set(limits.values())
     return shared.pop() if len(shared) == 1 else limits
+
+
+def table() -> list[tuple[str, ...]]:
+    """Header and one row per format, in registry order: what `flowers exports formats` prints."""
+    rows = [("format", "path", "written by", "runs in", "max |Δprob|", "for")]
+    for record in REGISTRY.values():
+        writers = " or ".join(f"{w.backend} ({'+'.join(w.modules)})" for w in record.writers)
+        rows.append((record.name, record.path, writers or "copied from the run",
+                     ", ".join(record.runtime_packages), f"{record.max_abs_prob_diff:.0e}",
+                     record.purpose))
+    return rows
