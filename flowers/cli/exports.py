@@ -10,19 +10,21 @@ import click
 from flowers import backend, config, paths
 from flowers.cli.options import DEFAULT_BACKEND, backend_option, exports_dir_option
 from flowers.errors import FlowersError
+from flowers.export import formats
 
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--formats", default=None, metavar="LIST",
-              help="Comma-separated: keras, savedmodel, onnx, tflite (default: all four).")
+@click.option("--formats", "format_names", default=None, metavar="LIST",
+              help=f"Comma-separated: {', '.join(formats.NAMES)} (default: all of them; see "
+                   "`flowers exports formats`).")
 @exports_dir_option
-def export_command(run_dir: Path, formats: str | None, out: Path | None) -> None:
+def export_command(run_dir: Path, format_names: str | None, out: Path | None) -> None:
     """Export a run to every format, verified in each runtime; the last line is the version dir."""
     from flowers.export import run as export
 
     # export_run checks the request before any framework loads, then selects tensorflow itself.
-    version_dir = export.export_run(run_dir, formats, paths.exports_root(out),
+    version_dir = export.export_run(run_dir, format_names, paths.exports_root(out),
                                     on_step=lambda line: click.echo(f"  {line}"))
     click.echo(export.render_results(export.read_manifest(version_dir)))
     click.echo(str(version_dir))
@@ -47,6 +49,14 @@ def exports_list(experiment: str | None, out: Path | None) -> None:
     click.echo(export.render_list(manifests, root, experiment))
 
 
+@exports_group.command("formats")
+def exports_formats() -> None:
+    """The export formats: file, writers, runtime packages, tolerance, what each is for."""
+    from flowers import tables
+
+    click.echo(tables.text_table(formats.table()))
+
+
 @click.command()
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -60,11 +70,12 @@ def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: 
     from flowers.export import runtimes
 
     fmt = runtimes.format_of(model_file)
-    if backend_name and fmt != "keras":
+    keras_backends = formats.get(fmt).keras_backends
+    if backend_name and not keras_backends:
         raise FlowersError(f"--backend applies to .keras files only; {model_file} runs in its "
                            f"own runtime ({fmt})")
     # Other formats run in their own runtimes; TensorFlow still decodes the images.
-    name = backend.select(backend_name or DEFAULT_BACKEND if fmt == "keras" else "tensorflow")
+    name = backend.select(backend_name or DEFAULT_BACKEND if keras_backends else "tensorflow")
     backend.hide_gpus_from_tensorflow(name)
     results = runtimes.predict_files(model_file, images, top)
     if as_json:

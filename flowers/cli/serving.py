@@ -9,16 +9,24 @@ import click
 
 from flowers import backend, files, paths
 from flowers.cli.options import DEFAULT_BACKEND, backend_option_for, default, levels_text, out_option
+from flowers.export import formats
 from flowers.serve.bench import BenchServeSettings
 from flowers.serve.loadtest import LoadSettings
 from flowers.serve.settings import DEFAULT_MAX_BODY_MB, ServeSettings
 
 
+def runtime_names_help() -> list[str]:
+    """What bench-serve's --runtimes takes: each format, a Keras one once per backend."""
+    return [f"{name}-{b}" if formats.get(name).keras_backends else name
+            for name in formats.SERVE_PREFERENCE
+            for b in (backend.BACKENDS if formats.get(name).keras_backends else ("",))]
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--runtime", default=None, metavar="NAME",
-              help="keras, savedmodel, onnx or tflite (default for a version: the first of onnx, "
-                   "savedmodel, tflite, keras it holds).")
+              help=f"{', '.join(formats.NAMES)} (default for a version: the first of "
+                   f"{', '.join(formats.SERVE_PREFERENCE)} it holds).")
 @backend_option_for("$KERAS_BACKEND or tensorflow; keras runtime only")
 @click.option("--host", default=None,
               help="Address to listen on (default: 0.0.0.0 when $AIP_HTTP_PORT is set, as on "
@@ -102,8 +110,8 @@ def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, 
 @click.command("bench-serve")
 @click.argument("version_dir", type=click.Path(path_type=Path))
 @click.option("--runtimes", "runtime_names", default=None, metavar="LIST",
-              help="Comma-separated among onnx, savedmodel, tflite, keras-torch, keras-tensorflow, "
-                   "keras-jax (default: every one the version and this environment have).")
+              help=f"Comma-separated among {', '.join(runtime_names_help())} (default: every one "
+                   "the version and this environment have).")
 @click.option("--concurrency", default=levels_text(default(BenchServeSettings, "concurrency")),
               show_default=True)
 @click.option("--requests", "request_count", type=int, default=default(BenchServeSettings, "requests"),

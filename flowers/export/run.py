@@ -6,18 +6,21 @@ A version is staged in exports/<experiment>/.incomplete-<id>/ and renamed to v<N
 format is written and verified, so a v<N> directory is always complete; N is one more than the
 highest existing version, and an existing version is never written again.
 
+The formats, where each lives, who writes it, what runs it and how closely it must agree are the
+records of flowers.export.formats (one module per format); nothing here names a format but the
+source one (model.keras, copied from the run) and SavedModel, whose signatures the manifest lists.
 Any training backend reaches every format: each format is written by the Keras backend that exports
-it best (WRITERS), in a process of its own (flowers/export/worker.py, started through
-flowers.workers) that reloads model.keras.
+it best (its record's writers, best first), in a process of its own (flowers/export/worker.py,
+started through flowers.workers) that reloads model.keras.
 
 Verification: every exported file is opened in its own runtime (flowers/export/runtimes.py) --
 .keras under each installed Keras backend, the SavedModel with tf.saved_model (both signatures),
 ONNX with onnxruntime, .tflite with the LiteRT interpreter -- and run on the same real images (the
 source run's validation images, VERIFICATION_IMAGES of them). The reference is model.keras under
 the backend that trained it. Every format is float32, so each must agree on the top-1 class for
-every image and stay within MAX_ABS_PROB_DIFF of the reference's probabilities; one that does not
-fails the export. Batch-1 latency p50 is recorded per runtime. All of it runs on the CPU, where the
-deployment runtimes run and where float32 results are not blurred by TF32 GPU math.
+every image and stay within its format's max_abs_prob_diff of the reference's probabilities; one
+that does not fails the export. Batch-1 latency p50 is recorded per runtime. All of it runs on the
+CPU, where the deployment runtimes run and where float32 results are not blurred by TF32 GPU math.
 
 Everything a user typed is checked first (check_request: the run, the formats, their toolchains, the
 dtype policy), in about a second and before anything is created under the exports root.
@@ -41,45 +44,26 @@ import numpy as np
 from flowers import __version__, backend, data, faults, files, host, runs, tables, workers
 from flowers.config import Experiment
 from flowers.errors import FlowersError
+from flowers.export import formats as registry  # `formats` here: the formats a user asked for
 from flowers.export import runtimes
-from flowers.export.runtimes import EXPORT_EXTRA, FORMAT_PATHS, FORMATS, MANIFEST
+from flowers.export.formats import savedmodel
+from flowers.export.runtimes import EXPORT_EXTRA, MANIFEST
 from flowers.metrics import LATENCY_WARMUP_CALLS
 
-# format -> ((backend, modules its writer imports), ...), best first; keras is a copy of the run's
-# file. torch writes ONNX in ~12 s where tf2onnx (the tensorflow route) takes ~50 s for the same
-# numbers (smoke ResNet50, 2-core CPU), so torch comes first when it is installed.
-WRITERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "savedmodel": (("tensorflow", ("tensorflow",)),),
-    "onnx": (("torch", ("torch", "onnx")), ("tensorflow", ("tf2onnx", "onnx"))),
-    "tflite": (("tensorflow", ("tensorflow",)),),
-}
-WRITTEN_WITH = {"savedmodel": "keras.export.ExportArchive", "onnx": "model.export(format='onnx')",
-                "tflite": "model.export(format='litert')"}
-# What each format is for (README, manifest).
-TARGETS = {
-    "keras": "Keras 3 under torch, tensorflow or jax (keras.saving.load_model)",
-    "savedmodel": "TensorFlow Serving, tf.saved_model.load, TensorFlow.js/TF-TRT converters",
-    "onnx": "onnxruntime (CPU/GPU/mobile), TensorRT, OpenVINO and other ONNX runtimes",
-    "tflite": "the LiteRT (TensorFlow Lite) interpreter on Android, iOS, microcontrollers, edge",
-}
 VERIFICATION_IMAGES = 64
 MIN_VERIFICATION_IMAGES = 32
-MAX_ABS_PROB_DIFF = 1e-4
 VERSION_NAME = re.compile(r"^v(\d+)$")
-# Distributions whose versions go into the manifest.
-PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib", "numpy", "onnx",
-            "onnxruntime", "tf2onnx", "onnxscript", "ai-edge-litert")
+# The format training writes: an export copies the run's model.keras, the reference of every other.
+SOURCE_FORMAT = "keras"
+# Distributions whose versions go into the manifest: the backends', then every format's runtime and
+# writers' (flowers.export.formats).
+PACKAGES = tuple(dict.fromkeys(("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "jaxlib",
+                                "numpy", *registry.packages(writers=True))))
 
 
 def parse_formats(text: str | Iterable[str]) -> list[str]:
-    """"keras,onnx" (or a list) -> validated format names in FORMATS order, without repeats."""
-    names = text.split(",") if isinstance(text, str) else list(text)
-    names = [n.strip().lower() for n in names if n.strip()]
-    unknown = [n for n in names if n not in FORMATS]
-    if unknown or not names:
-        problem = f"unknown format {unknown[0]!r}" if unknown else "no format given"
-        raise FlowersError(f"{problem}; choose from {', '.join(FORMATS)} (comma-separated)")
-    return [f for f in FORMATS if f in names]
+    """"keras,onnx" (or a list) -> validated format names in registry order, without repeats."""
+    return registry.parse_names(text.split(",") if isinstance(text, str) else text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +73,7 @@ class ExportRequest:
     run_dir: Path
     experiment: Experiment
     run_config: dict[str, Any]  # the run's config.json
-    formats: list[str]  # in FORMATS order
+    formats: list[str]  # in registry order
     writers: dict[str, str]  # format -> the backend whose process writes it (keras: none, a copy)
 
 
@@ -114,13 +98,14 @@ def plan_writers(formats: Iterable[str]) -> dict[str, str]:
     installed = {name for name, version in backend.installed_versions().items() if version}
     plan = {}
     for fmt in formats:
-        runtimes.require(runtimes.RUNTIME_MODULES[fmt], f"verifying format {fmt!r}")
-        if fmt == "keras":
+        record = registry.get(fmt)
+        runtimes.require(record.runtime_modules, f"verifying format {fmt!r}")
+        if not record.writers:  # the source format: copied from the run
             continue
-        usable = [name for name, modules in WRITERS[fmt]
-                  if name in installed and not runtimes.missing_modules(modules)]
+        usable = [w.backend for w in record.writers
+                  if w.backend in installed and not runtimes.missing_modules(w.modules)]
         if not usable:
-            options = " or ".join("+".join(modules) for _, modules in WRITERS[fmt])
+            options = " or ".join("+".join(w.modules) for w in record.writers)
             raise FlowersError(f"format {fmt!r} cannot be written: it needs {options}, not "
                                f"installed; install them with: {EXPORT_EXTRA}")
         plan[fmt] = usable[0]
@@ -133,13 +118,13 @@ def check_request(run_dir: str | Path, formats: str | Iterable[str] | None) -> E
 
     Args:
         run_dir: the run to export.
-        formats: "keras,onnx", a list of names, or None for all of FORMATS.
+        formats: "keras,onnx", a list of names, or None for every registered format.
 
     Raises:
         FlowersError: incomplete run, unknown format, missing toolchain, or a non-float32 run.
     """
     run_dir = runs.check_complete(run_dir)
-    names = parse_formats(FORMATS if formats is None else formats)
+    names = parse_formats(registry.NAMES if formats is None else formats)
     writers = plan_writers(names)
     experiment, run_config = runs.read_run_config(run_dir)
     policy = getattr(experiment.train, "dtype_policy", "float32")
@@ -161,8 +146,8 @@ def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_roo
 
     Args:
         run_dir: a complete run directory (with model.keras).
-        formats: "keras,onnx", names from FORMATS, or None for all of them.
-        out_root: root of the versions (exports_root()).
+        formats: "keras,onnx", registered format names, or None for all of them.
+        out_root: root of the versions (paths.exports_root()).
         on_step: called with a short line before each slow step (the CLI prints them).
 
     Returns:
@@ -297,52 +282,65 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
     """
     installed = [name for name, version in backend.installed_versions().items() if version]
     reference_backend = trained_backend if trained_backend in installed else "tensorflow"
-    keras_backends = installed if "keras" in formats else []
+    keras_backends = installed if SOURCE_FORMAT in formats else []
     worker_backends = list(dict.fromkeys([reference_backend, *keras_backends, *writers.values()]))
     write_info: dict[str, dict[str, Any]] = {}
-    if "keras" in formats:
-        shutil.copyfile(run_dir / "model.keras", staging / FORMAT_PATHS["keras"])
-        write_info["keras"] = {"written_by": "copy of the run's model.keras", "write_s": 0.0}
+    source_path = staging / registry.get(SOURCE_FORMAT).path
+    if SOURCE_FORMAT in formats:
+        shutil.copyfile(run_dir / "model.keras", source_path)
+        write_info[SOURCE_FORMAT] = {"written_by": "copy of the run's model.keras", "write_s": 0.0}
         faults.point("export-copied")
-    model_path = staging / FORMAT_PATHS["keras"] if "keras" in formats else run_dir / "model.keras"
+    model_path = source_path if SOURCE_FORMAT in formats else run_dir / "model.keras"
     np.save(scratch / "images.npy", images)
 
     keras_runs = {}
     for name in worker_backends:
-        writes = {fmt: str(staging / FORMAT_PATHS[fmt]) for fmt, b in writers.items() if b == name}
+        writes = {fmt: str(staging / registry.get(fmt).path)
+                  for fmt, b in writers.items() if b == name}
         step(f"keras under {name}: verification images" + "".join(f", write {f}" for f in writes))
         result, probabilities = _run_worker(name, model_path, writes, scratch, latency_repeats)
         keras_runs[name] = (result, probabilities)
         faults.point(f"export-worker:{name}")
         for fmt, seconds in result["write_s"].items():
-            written_by = f"keras {host.package_version('keras')} {WRITTEN_WITH[fmt]} under {name}"
+            written_by = (f"keras {host.package_version('keras')} {registry.get(fmt).written_with} "
+                          f"under {name}")
             write_info[fmt] = {"written_by": written_by, "write_s": round(seconds, 2)}
 
     reference_result, reference = keras_runs[reference_backend]
-    measured = [("keras", result["runtime"], probabilities, result["batch1_p50_ms"])
+    measured = [(SOURCE_FORMAT, result["runtime"], probabilities, result["batch1_p50_ms"])
                 for name, (result, probabilities) in keras_runs.items() if name in keras_backends]
+    measured += _run_in_runtimes([f for f in formats if f != SOURCE_FORMAT], staging, images,
+                                 latency_repeats, step)
+    return [_compare(fmt, runtime, probabilities, p50, reference, reference_result["runtime"])
+            for fmt, runtime, probabilities, p50 in measured], write_info
+
+
+def _run_in_runtimes(formats: list[str], staging: Path, images: np.ndarray, latency_repeats: int,
+                     step: Callable[[str], None]) -> list[tuple[str, str, np.ndarray, float]]:
+    """Each written format in its own runtime, once per signature: (format, runtime, probabilities,
+    batch-1 p50 ms) for each."""
+    measured = []
     for fmt in formats:
-        if fmt == "keras":
-            continue
+        record = registry.get(fmt)
         step(f"running {fmt} in its runtime")
-        signatures = ([runtimes.SAVEDMODEL_FLOAT_SIGNATURE, runtimes.SAVEDMODEL_UINT8_SIGNATURE]
-                      if fmt == "savedmodel" else [runtimes.SAVEDMODEL_FLOAT_SIGNATURE])
-        for signature in signatures:
-            loaded = runtimes.open_model(staging / FORMAT_PATHS[fmt], signature=signature)
+        for signature in record.signatures or (None,):
+            loaded = runtimes.open_model(staging / record.path, signature=signature)
             probabilities, p50 = runtimes.run_and_time(loaded, images, latency_repeats)
             measured.append((fmt, loaded.runtime, probabilities, p50))
+    return measured
 
-    results = []
-    for fmt, runtime, probabilities, p50 in measured:
-        agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
-        max_diff = float(np.max(np.abs(probabilities - reference)))
-        results.append({
-            "format": fmt, "runtime": runtime, "reference": reference_result["runtime"],
-            "images": len(images), "top1_agreement": agreement, "max_abs_prob_diff": max_diff,
-            "batch1_p50_ms": round(p50, 3),
-            "passed": agreement == 1.0 and max_diff <= MAX_ABS_PROB_DIFF,
-        })
-    return results, write_info
+
+def _compare(fmt: str, runtime: str, probabilities: np.ndarray, p50: float, reference: np.ndarray,
+             reference_runtime: str) -> dict[str, Any]:
+    """One runtime's result against the reference probabilities, within its format's tolerance."""
+    agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
+    max_diff = float(np.max(np.abs(probabilities - reference)))
+    return {
+        "format": fmt, "runtime": runtime, "reference": reference_runtime,
+        "images": len(reference), "top1_agreement": agreement, "max_abs_prob_diff": max_diff,
+        "batch1_p50_ms": round(p50, 3),
+        "passed": agreement == 1.0 and max_diff <= registry.get(fmt).max_abs_prob_diff,
+    }
 
 
 def _run_worker(name: str, model_path: Path, writes: dict[str, str], scratch: Path,
@@ -366,7 +364,7 @@ def _describe_failure(result: dict[str, Any]) -> str:
     differing = round((1 - result["top1_agreement"]) * result["images"])
     return (f"{result['format']} in {result['runtime']}: top-1 differs on {differing} of "
             f"{result['images']} images, max |Δprob| {result['max_abs_prob_diff']:.1e} "
-            f"(limit {MAX_ABS_PROB_DIFF:.0e})")
+            f"(limit {registry.get(result['format']).max_abs_prob_diff:.0e})")
 
 
 def _manifest(record: ExportRecord) -> dict[str, Any]:
@@ -410,10 +408,10 @@ def _interface(size: int, num_classes: int) -> dict[str, Any]:
         "input": {
             "shape": [None, size, size, 3], "layout": "NHWC", "channels": "RGB",
             "dtype": "float32", "value_range": [0, 255],
-            "resize": f"bilinear, antialiased, to {size}x{size} (flowers.data.load_image_files)",
+            "resize": f"bilinear, antialiased, to {size}x{size} (flowers.images.load_image_files)",
             "preprocessing": "inside the model (ResNet50 preprocess_input); send plain RGB",
-            "savedmodel_signatures": {runtimes.SAVEDMODEL_FLOAT_SIGNATURE: "float32",
-                                      runtimes.SAVEDMODEL_UINT8_SIGNATURE: "uint8"},
+            "savedmodel_signatures": {savedmodel.FLOAT_SIGNATURE: "float32",
+                                      savedmodel.UINT8_SIGNATURE: "uint8"},
         },
         "output": {"shape": [None, num_classes], "dtype": "float32",
                    "meaning": "softmax class probabilities, in class_names order"},
@@ -424,7 +422,7 @@ def _file_entries(staging: Path, formats: list[str]) -> dict[str, dict[str, Any]
     """Every file of every format: relative path -> format, bytes, sha256."""
     entries = {}
     for fmt in formats:
-        target = staging / FORMAT_PATHS[fmt]
+        target = staging / registry.get(fmt).path
         for path in sorted([target] if target.is_file() else (target.rglob("*"))):
             if path.is_file():
                 entries[str(path.relative_to(staging))] = {"format": fmt,
@@ -437,9 +435,9 @@ def _format_entries(record: ExportRecord, file_entries: dict[str, dict[str, Any]
                     ) -> dict[str, dict[str, Any]]:
     """Per format: where it is, its size, how it was written, what it is for, what ran it."""
     return {
-        fmt: {"path": FORMAT_PATHS[fmt],
+        fmt: {"path": registry.get(fmt).path,
               "bytes": sum(f["bytes"] for f in file_entries.values() if f["format"] == fmt),
-              **record.write_info[fmt], "targets": TARGETS[fmt],
+              **record.write_info[fmt], "targets": registry.get(fmt).purpose,
               "runtimes": [r["runtime"] for r in record.results if r["format"] == fmt]}
         for fmt in record.request.formats
     }
@@ -453,7 +451,8 @@ def _verification(record: ExportRecord) -> dict[str, Any]:
         "images_from": record.images_from,
         "reference": results[0]["reference"] if results else None,
         "device": "cpu",
-        "criteria": {"top1_agreement": 1.0, "max_abs_prob_diff": MAX_ABS_PROB_DIFF},
+        "criteria": {"top1_agreement": 1.0,
+                     "max_abs_prob_diff": registry.tolerance(record.request.formats)},
         "latency_method": (f"predict() on 1 image: {record.request.experiment.train.latency_repeats}"
                            f" timed calls after {LATENCY_WARMUP_CALLS} untimed warm-up calls, p50;"
                            " numpy in and out"),

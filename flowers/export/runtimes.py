@@ -1,74 +1,63 @@
 """Exported models run in their own runtimes, behind one interface, and `flowers predict`.
 
-open_model(path) picks the runtime from the path -- a .keras file (Keras under the selected backend),
-a SavedModel directory (tf.saved_model), a .onnx file (onnxruntime), a .tflite file (the LiteRT
-interpreter) -- and returns a LoadedModel whose predict() takes float32 RGB images [N, S, S, 3] in
-0..255 and returns class probabilities [N, C]. Export verification and `flowers predict` both run
-models through here, so a format is run the same way when it is checked and when it is used.
-Opening a .keras file imports keras: select the backend first.
+open_model(path) picks the format from the path (flowers.export.formats: a .keras file runs under the
+selected Keras backend, a SavedModel directory with tf.saved_model, a .onnx file with onnxruntime, a
+.tflite file with the LiteRT interpreter) and returns its opener's LoadedModel, whose predict() takes
+float32 RGB images [N, S, S, 3] in 0..255 and returns class probabilities [N, C]. Export
+verification, `flowers predict` and serving all run models through here, so a format is run the same
+way when it is checked and when it is used. Opening a .keras file imports keras: select the backend
+first.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowers import files, host
+from flowers import files
 from flowers.errors import FlowersError
+from flowers.export import formats
+from flowers.export.formats import LoadedModel
 from flowers.images import load_image_files
 from flowers.metrics import time_calls
 
-FORMATS = ("keras", "savedmodel", "onnx", "tflite")
-# Where each format lives inside an export version (savedmodel is a directory).
-FORMAT_PATHS = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx",
-                "tflite": "model.tflite"}
-# Modules each runtime imports, and the pip extra that installs them.
-RUNTIME_MODULES = {"keras": ("keras",), "savedmodel": ("tensorflow",), "onnx": ("onnxruntime",),
-                   "tflite": ("ai_edge_litert",)}
+# The pip extra that installs every format's writer and runtime.
 EXPORT_EXTRA = "pip install -e '.[export]'"
 MANIFEST = "manifest.json"
-# The two SavedModel signatures flowers exports (see flowers.export.worker.write_savedmodel).
-SAVEDMODEL_FLOAT_SIGNATURE = "serving_default"
-SAVEDMODEL_UINT8_SIGNATURE = "serve_uint8"
 PREDICT_BATCH = 32
 
 
-@dataclass
-class LoadedModel:
-    """A model opened in its runtime; predict() maps float32 images 0..255 to probabilities."""
-
-    format: str
-    runtime: str  # what runs it, with its version, e.g. "onnxruntime 1.32.0"
-    image_size: int
-    num_classes: int
-    input_name: str
-    output_name: str
-    predict: Callable[[np.ndarray], np.ndarray]
-    handle: Any  # the runtime's own object: keras.Model, SavedModel, InferenceSession, Interpreter
-    class_names: list[str] | None = None  # only .keras files carry them
-
-
 def format_of(path: str | Path) -> str:
-    """The format of a model path: keras, savedmodel, onnx or tflite.
+    """The format of a model path: the name of the registered format that recognizes it.
 
     Raises:
-        FlowersError: the path does not exist or is none of those.
+        FlowersError: the path does not exist or no format recognizes it.
     """
     path = Path(path)
     if not path.exists():
         raise FlowersError(f"model file not found: {path}")
-    if path.is_dir() and (path / "saved_model.pb").is_file():
-        return "savedmodel"
-    suffixes = {".keras": "keras", ".onnx": "onnx", ".tflite": "tflite"}
-    if path.is_file() and path.suffix.lower() in suffixes:
-        return suffixes[path.suffix.lower()]
-    raise FlowersError(f"{path}: unknown model type; expected a .keras, .onnx or .tflite file "
-                       "or a SavedModel directory (one with saved_model.pb)")
+    for record in formats.REGISTRY.values():
+        if record.recognizes(path):
+            return record.name
+    raise FlowersError(f"{path}: unknown model type; expected {_model_kinds()}")
+
+
+def _model_kinds() -> str:
+    """What a model path can be, from the registry: "a .keras, .onnx or .tflite file or a ..."."""
+    suffixes = [r.suffix for r in formats.REGISTRY.values() if r.suffix]
+    folders = [f"a {r.title} directory (one with {r.marker})"
+               for r in formats.REGISTRY.values() if r.marker]
+    kinds = [f"a {_or(suffixes)} file", *folders] if suffixes else folders
+    return _or(kinds)
+
+
+def _or(items: Sequence[str]) -> str:
+    """"a", "a or b", "a, b or c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def missing_modules(modules: Sequence[str]) -> list[str]:
@@ -85,12 +74,13 @@ def require(modules: Sequence[str], purpose: str) -> None:
                            f"install it with: {EXPORT_EXTRA}")
 
 
-def open_model(path: str | Path, signature: str = SAVEDMODEL_FLOAT_SIGNATURE) -> LoadedModel:
-    """Open an exported model in its own runtime.
+def open_model(path: str | Path, signature: str | None = None) -> LoadedModel:
+    """Open an exported model in its own runtime (the opener of its format).
 
     Args:
         path: a .keras, .onnx or .tflite file, or a SavedModel directory.
-        signature: the SavedModel signature to call (ignored by the other formats).
+        signature: the entry point to call, one of the format's `signatures` (None: its first;
+            formats without signatures ignore it).
 
     Returns:
         The LoadedModel.
@@ -100,11 +90,10 @@ def open_model(path: str | Path, signature: str = SAVEDMODEL_FLOAT_SIGNATURE) ->
     """
     path = Path(path)
     fmt = format_of(path)
-    require(RUNTIME_MODULES[fmt], f"running {fmt} models")
-    opener = {"keras": _open_keras, "savedmodel": _open_savedmodel, "onnx": _open_onnx,
-              "tflite": _open_tflite}[fmt]
+    record = formats.get(fmt)
+    require(record.runtime_modules, f"running {fmt} models")
     try:
-        return opener(path, signature)
+        return record.opener(path, signature)
     except FlowersError:
         raise
     except Exception as exc:  # every runtime has its own exception types for unreadable files
@@ -170,84 +159,3 @@ def top_classes(probabilities: np.ndarray, class_names: Sequence[str], top: int)
     """
     best = np.argsort(-probabilities, kind="stable")[:min(top, len(class_names))]
     return [{"class": class_names[i], "probability": float(probabilities[i])} for i in best]
-
-
-def _open_keras(path: Path, signature: str) -> LoadedModel:
-    import keras
-
-    from flowers.model import load_model
-
-    model, class_names = load_model(path)
-    return LoadedModel(
-        format="keras", runtime=f"keras {keras.__version__} ({keras.backend.backend()})",
-        image_size=int(model.input_shape[1]), num_classes=int(model.output_shape[-1]),
-        input_name=model.inputs[0].name, output_name=model.outputs[0].name,
-        predict=lambda images: keras.ops.convert_to_numpy(model.predict_on_batch(images)),
-        handle=model, class_names=class_names)
-
-
-def _open_savedmodel(path: Path, signature: str) -> LoadedModel:
-    import tensorflow as tf
-
-    saved = tf.saved_model.load(str(path))
-    if signature not in saved.signatures:
-        raise FlowersError(f"{path}: SavedModel has no signature {signature!r} "
-                           f"(it has {', '.join(saved.signatures) or 'none'})")
-    function = saved.signatures[signature]
-    (input_name, spec), = function.structured_input_signature[1].items()
-    (output_name, output_spec), = function.structured_outputs.items()
-    dtype = spec.dtype.as_numpy_dtype
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return function(**{input_name: tf.constant(images.astype(dtype))})[output_name].numpy()
-
-    return LoadedModel(
-        format="savedmodel", runtime=f"tf.saved_model {signature} ({spec.dtype.name} input, "
-                                     f"tensorflow {tf.__version__})",
-        image_size=int(spec.shape[1]), num_classes=int(output_spec.shape[-1]),
-        input_name=input_name, output_name=output_name, predict=predict, handle=saved)
-
-
-def _open_onnx(path: Path, signature: str) -> LoadedModel:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return session.run([model_output.name], {model_input.name: images.astype(np.float32)})[0]
-
-    return LoadedModel(
-        format="onnx", runtime=f"onnxruntime {onnxruntime.__version__}",
-        image_size=int(model_input.shape[1]), num_classes=int(model_output.shape[-1]),
-        input_name=model_input.name, output_name=model_output.name, predict=predict,
-        handle=session)
-
-
-def _open_tflite(path: Path, signature: str) -> LoadedModel:
-    from ai_edge_litert.interpreter import Interpreter
-
-    with host.quiet_stderr():
-        interpreter = Interpreter(model_path=str(path))
-    model_input = interpreter.get_input_details()[0]
-    model_output = interpreter.get_output_details()[0]
-    allocated_shape: list[tuple[int, ...]] = []
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        # The file is exported with a dynamic batch; the interpreter is resized to each new batch.
-        if allocated_shape[-1:] != [images.shape]:
-            interpreter.resize_tensor_input(model_input["index"], images.shape)
-            with host.quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                interpreter.allocate_tensors()
-            allocated_shape.append(images.shape)
-        interpreter.set_tensor(model_input["index"], images.astype(model_input["dtype"]))
-        interpreter.invoke()
-        return interpreter.get_tensor(model_output["index"]).copy()
-
-    version = host.package_version("ai-edge-litert") or "unknown version"
-    return LoadedModel(
-        format="tflite", runtime=f"LiteRT interpreter {version}",
-        image_size=int(model_input["shape"][1]), num_classes=int(model_output["shape"][-1]),
-        input_name=model_input["name"], output_name=model_output["name"], predict=predict,
-        handle=interpreter)
-

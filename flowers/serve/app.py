@@ -215,6 +215,29 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="flowers serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = server
+    _add_error_handlers(app)
+
+    @app.get(settings.health_route)
+    async def health() -> JSONResponse:
+        if not server.ready:
+            return error_response(503, "loading the model")
+        return JSONResponse({"status": "ready", "model": server.service.describe()})
+
+    @app.post(settings.predict_route)
+    async def predict(request: Request) -> JSONResponse:
+        return await server.predict(request, settings.predict_route)
+
+    _add_tfserving_routes(app, server)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as {"error": "..."}: unknown routes, client mistakes (4xx), server faults (500)."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -231,15 +254,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         log.exception("error answering %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.get(settings.health_route)
-    async def health() -> JSONResponse:
-        if not server.ready:
-            return error_response(503, "loading the model")
-        return JSONResponse({"status": "ready", "model": server.service.describe()})
 
-    @app.post(settings.predict_route)
-    async def predict(request: Request) -> JSONResponse:
-        return await server.predict(request, settings.predict_route)
+def _add_tfserving_routes(app: FastAPI, server: Server) -> None:
+    """TF Serving's REST routes: predict (with or without a version) and the model status."""
+    target = server.settings.target
 
     @app.post("/v1/models/{name}:predict")
     async def tfserving_predict(name: str, request: Request) -> JSONResponse:
@@ -255,15 +273,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def tfserving_status(name: str) -> dict[str, Any]:
         server.check_model(name)
         return {"model_version_status": [{
-            "version": str(settings.target.version),
+            "version": str(target.version),
             "state": "AVAILABLE" if server.ready else "LOADING",
             "status": {"error_code": "OK", "error_message": ""}}]}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def app_from_env() -> FastAPI:

@@ -2,7 +2,7 @@
 
 Method (written into serve.json beside the figures):
 - Runtimes one after another, each alone on the machine: onnx, savedmodel, tflite, and the .keras
-  file under each installed Keras backend.
+  file under each installed Keras backend (the export formats in serving preference).
 - In-process throughput first, in a fresh process (python -m flowers.serve.bench): the runtime's
   predict() on float32 batches of real photos already decoded and resized, at each batch size the
   server will run (min(concurrency, --max-batch), and 1); 3 untimed calls, then the median of the
@@ -36,7 +36,8 @@ import numpy as np
 
 from flowers import backend, files, host, processes, workers
 from flowers.errors import FlowersError
-from flowers.export.runtimes import FORMAT_PATHS, MANIFEST, RUNTIME_MODULES
+from flowers.export import formats, runtimes
+from flowers.export.runtimes import MANIFEST
 from flowers.serve import loadtest
 from flowers.tables import markdown_table
 
@@ -48,8 +49,11 @@ STARTUP_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 90
 ROW_HEADER = ("runtime", "max batch", "concurrency", "requests/s", "images/s", "p50 ms", "p95 ms",
               "p99 ms", "errors", "mean batch", "in-process images/s (batch)", "overhead ratio")
-PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "torch", "jax", "onnxruntime", "ai-edge-litert",
-            "fastapi", "uvicorn", "starlette", "prometheus-client", "aiohttp", "pillow", "numpy")
+# Distributions whose versions serve.json records: the backends', every format's runtime
+# (flowers.export.formats), the server's.
+PACKAGES = tuple(dict.fromkeys((
+    "keras", "tensorflow-cpu", "tensorflow", "torch", "jax", *formats.packages(writers=False),
+    "fastapi", "uvicorn", "starlette", "prometheus-client", "aiohttp", "pillow", "numpy")))
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,17 @@ class BenchServeSettings:
 
 
 def runtime_choices(version_dir: Path) -> list[str]:
-    """Runtimes this version holds and this environment can run: onnx, ..., keras-<backend>."""
+    """Runtimes this version holds and this environment can run, in serving preference: onnx, ...,
+    keras-<backend> (a format that runs under a Keras backend, once per installed backend)."""
     names = []
-    for fmt in ("onnx", "savedmodel", "tflite"):
-        if (version_dir / FORMAT_PATHS[fmt]).exists() and _installed(RUNTIME_MODULES[fmt]):
+    for fmt in formats.SERVE_PREFERENCE:
+        record = formats.get(fmt)
+        if not (version_dir / record.path).exists():
+            continue
+        if record.keras_backends:
+            names += [f"{fmt}-{name}" for name, version in backend.installed_versions().items() if version]
+        elif not runtimes.missing_modules(record.runtime_modules):
             names.append(fmt)
-    if (version_dir / FORMAT_PATHS["keras"]).is_file():
-        names += [f"keras-{name}" for name, version in backend.installed_versions().items() if version]
     return names
 
 
@@ -107,8 +115,8 @@ def run_bench_serve(settings: BenchServeSettings, out_root: Path,
         fmt, _, keras_backend = runtime.partition("-")
         sizes = sorted({1, *(min(c, settings.max_batch) for c in settings.concurrency)})
         progress(f"{runtime}: in-process throughput at batch {', '.join(map(str, sizes))}")
-        in_process[runtime] = measure_in_process(version_dir / FORMAT_PATHS[fmt], keras_backend, sizes,
-                                                 Path(settings.images))
+        in_process[runtime] = measure_in_process(version_dir / formats.get(fmt).path, keras_backend,
+                                                 sizes, Path(settings.images))
         for max_batch in dict.fromkeys((settings.max_batch, 1)):
             progress(f"{runtime}: serving with --max-batch {max_batch}")
             with running_server(version_dir, fmt, keras_backend, max_batch, settings.max_wait_ms) as url:
@@ -293,19 +301,12 @@ def _num(value: float | None, fmt: str = "{:.1f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def _installed(modules: Sequence[str]) -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in modules)
-
-
 def _manifest(version_dir: Path) -> dict[str, Any]:
     return files.read_json(version_dir / MANIFEST)
 
 
 def _in_process(request: dict[str, Any]) -> dict[str, Any]:
     """The child side of measure_in_process: request model, sizes, images, backend -> figures."""
-    from flowers.export import runtimes
     from flowers.images import load_image_files
     from flowers.metrics import time_calls
 
@@ -319,7 +320,7 @@ def _in_process(request: dict[str, Any]) -> dict[str, Any]:
         seconds = float(np.median(time_calls(lambda b=batch: model.predict(b), INPROCESS_REPEATS))) / 1000
         images_per_s[str(size)], p50_ms[str(size)] = size / seconds, seconds * 1000
     # onnxruntime (CPUExecutionProvider) and LiteRT run on the CPU whatever TensorFlow sees.
-    device = backend.device(request["backend"]) if model.format in ("keras", "savedmodel") else "cpu"
+    device = "cpu" if formats.get(model.format).cpu_only else backend.device(request["backend"])
     return {"runtime": model.runtime, "device": device, "images_per_s": images_per_s,
             "call_p50_ms": p50_ms}
 

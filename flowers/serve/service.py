@@ -1,11 +1,11 @@
 """The served model: opened once with flowers.export.runtimes, warmed up, run on batches of decoded images.
 
-Runtimes that compile or allocate per input shape -- Keras (jax traces and compiles every new batch
-size, tf.function retraces) and the LiteRT interpreter (re-allocates its tensors whenever the batch
-size changes) -- get batches padded to the next bucket (powers of two up to --max-batch, and
---max-batch itself), so they see a handful of shapes, all compiled during the warm-up, instead of a
-compile in the middle of serving. onnxruntime and SavedModels take any batch size at no cost and
-are run unpadded.
+Runtimes that compile or allocate per input shape (a format's pads_batches, flowers.export.formats)
+-- Keras (jax traces and compiles every new batch size, tf.function retraces) and the LiteRT
+interpreter (re-allocates its tensors whenever the batch size changes) -- get batches padded to the
+next bucket (powers of two up to --max-batch, and --max-batch itself), so they see a handful of
+shapes, all compiled during the warm-up, instead of a compile in the middle of serving. onnxruntime
+and SavedModels take any batch size at no cost and are run unpadded.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from flowers.export import formats
 from flowers.serve.settings import ServeTarget
 
-PADDED_FORMATS = ("keras", "tflite")
 WARMUP_CALLS_PER_SHAPE = 2
 # Mid-grey: warm-up images only need the right shape and a plausible value range.
 WARMUP_PIXEL = 127.0
@@ -45,7 +45,7 @@ class ModelService:
 
     @property
     def pads(self) -> bool:
-        return self.target.format in PADDED_FORMATS
+        return formats.get(self.target.format).pads_batches
 
     @property
     def image_size(self) -> int:

@@ -15,12 +15,9 @@ from pathlib import Path
 
 from flowers import backend
 from flowers.errors import FlowersError
-from flowers.export import runtimes
-from flowers.export.runtimes import FORMAT_PATHS, FORMATS, MANIFEST
+from flowers.export import formats, runtimes
+from flowers.export.runtimes import MANIFEST
 
-# An export version is served by the first of these it holds: ONNX needs neither Keras nor
-# TensorFlow's graph runtime to run the model.
-RUNTIME_PREFERENCE = ("onnx", "savedmodel", "tflite", "keras")
 # Vertex AI custom-container variables (Vertex AI docs: custom container requirements).
 PORT_ENV, HEALTH_ROUTE_ENV, PREDICT_ROUTE_ENV = "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE"
 DEFAULT_PORT = 8080
@@ -105,9 +102,9 @@ def resolve_target(path: str | Path, runtime: str | None, backend_name: str | No
     """The model file and runtime to serve, from an export version directory or a model path.
 
     Args:
-        path: exports/<experiment>/v<N> (served by --runtime, else the first of RUNTIME_PREFERENCE
-            it holds), or a .keras / .onnx / .tflite file or a SavedModel directory.
-        runtime: keras, savedmodel, onnx or tflite; None picks as above.
+        path: exports/<experiment>/v<N> (served by --runtime, else the first of
+            formats.SERVE_PREFERENCE it holds), or a model file or SavedModel directory.
+        runtime: a registered format name; None picks as above.
         backend_name: the Keras backend for .keras files (None: default_backend).
         default_backend: $KERAS_BACKEND or tensorflow, as the CLI resolves it.
 
@@ -116,20 +113,21 @@ def resolve_target(path: str | Path, runtime: str | None, backend_name: str | No
             non-keras runtime, or a runtime / backend that is not installed.
     """
     path = Path(path)
-    if runtime is not None and runtime not in FORMATS:
-        raise FlowersError(f"unknown runtime {runtime!r}; choose one of {', '.join(FORMATS)}")
+    if runtime is not None and runtime not in formats.REGISTRY:
+        raise FlowersError(f"unknown runtime {runtime!r}; choose one of {', '.join(formats.NAMES)}")
     if not path.exists():
         raise FlowersError(f"export not found: {path}")
     manifest_file = path / MANIFEST
     if path.is_dir() and manifest_file.is_file():  # an export version
         manifest = _read_manifest(manifest_file)
-        present = [f for f in RUNTIME_PREFERENCE if (path / FORMAT_PATHS[f]).exists()]
+        present = [f for f in formats.SERVE_PREFERENCE if (path / formats.get(f).path).exists()]
         if not present:
-            raise FlowersError(f"{path} holds no model file ({', '.join(FORMAT_PATHS.values())})")
+            raise FlowersError(f"{path} holds no model file "
+                               f"({', '.join(r.path for r in formats.REGISTRY.values())})")
         if runtime is not None and runtime not in present:
             raise FlowersError(f"{path} has no {runtime} export (it has {', '.join(present)})")
         fmt = runtime or present[0]
-        model_path = path / FORMAT_PATHS[fmt]
+        model_path = path / formats.get(fmt).path
         name, version = str(manifest.get("experiment") or path.parent.name), _version(manifest, path)
     else:
         fmt = runtimes.format_of(path)
@@ -138,10 +136,11 @@ def resolve_target(path: str | Path, runtime: str | None, backend_name: str | No
                                "version directory or a model of that format")
         model_path = path
         name, version = _name_of_model(path)
-    if backend_name and fmt != "keras":
+    record = formats.get(fmt)
+    if backend_name and not record.keras_backends:
         raise FlowersError(f"--backend applies to the keras runtime only; {fmt} runs in its own runtime")
-    runtimes.require(runtimes.RUNTIME_MODULES[fmt], f"serving {fmt} models")
-    chosen = backend.check_name(backend_name or default_backend) if fmt == "keras" else "tensorflow"
+    runtimes.require(record.runtime_modules, f"serving {fmt} models")
+    chosen = backend.check_name(backend_name or default_backend) if record.keras_backends else "tensorflow"
     backend.check_installed(chosen)
     return ServeTarget(model_path=str(model_path.resolve()), format=fmt, backend=chosen, name=name,
                        version=version)
