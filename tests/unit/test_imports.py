@@ -46,8 +46,14 @@ def imports_in(source: str, this: str, is_package: bool, known: set[str]) -> set
 
 
 def import_graph() -> dict[str, set[str]]:
+    """module -> the flowers modules it imports. A package that discovers its modules with
+    pkgutil.iter_modules(__path__) (the export format registry) imports every one of them."""
     found = modules()
-    return {name: imported(path, set(found)) for name, path in found.items()}
+    graph = {name: imported(path, set(found)) for name, path in found.items()}
+    for name, path in found.items():
+        if path.name == "__init__.py" and "pkgutil.iter_modules(__path__)" in path.read_text():
+            graph[name] |= {m for m in found if m.rpartition(".")[0] == name}
+    return graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -134,3 +140,8 @@ def test_low_floors_stay_below_the_framework_code():
     for bottom in ("flowers.errors", "flowers.paths", "flowers.processes", "flowers.images"):
         assert level[bottom] <= 1, bottom
     assert level["flowers.paths"] < level["flowers.config"] < level["flowers.data"]
+
+
+def test_a_registry_that_discovers_its_modules_depends_on_each():
+    graph = import_graph()
+    assert {"flowers.export.formats.onnx", "flowers.export.formats.keras"} <= graph["flowers.export.formats"]
