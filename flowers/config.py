@@ -14,10 +14,14 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowers.errors import FlowersError
+
+if TYPE_CHECKING:
+    from flowers.backbones import Backbone
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # np.random.seed (which keras.utils.set_random_seed calls under every backend) takes 0..2**32-1.
@@ -68,6 +72,18 @@ class ModelConfig:
     # store a frozen backbone's convolution kernels in the memory layout the backend's convolution
     # reads (flowers/fold.py; torch: no kernel copy per call, the same values); the same condition
     backend_kernel_layout: bool = True
+
+    @cached_property
+    def backbone_spec(self) -> Backbone:
+        """model.backbone resolved (flowers.backbones.resolve), once per config: validation, the
+        training and the model builder all read this one spec.
+
+        Raises:
+            FlowersError: model.backbone names no backbone (resolve()'s message).
+        """
+        from flowers import backbones  # keras-free: the table; backbones imports config's root
+
+        return backbones.resolve(self.backbone)
 
 
 @dataclass(frozen=True)
@@ -309,9 +325,9 @@ def validate(experiment: Experiment) -> None:
         )
     _require(bool(m.backbone.strip()), "model.backbone", m.backbone,
              "must name a backbone, e.g. ResNet50, MobileNetV3Small or package.module:function")
-    from flowers import backbones  # keras-free: the name, size and layout checks of the table
+    from flowers import backbones  # keras-free: the size and layout checks of the table
 
-    backbones.check(m.backbone, d.image_size, m.data_format)
+    backbones.fits(m.backbone_spec, d.image_size, m.data_format)
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
