@@ -133,8 +133,17 @@ def resolve(name: str) -> Backbone:
 
 
 def check(name: str, image_size: int, data_format: str) -> Backbone:
-    """resolve() plus the checks that need the image size and layout (config validation)."""
-    spec = resolve(name)
+    """resolve() plus fits(): a backbone name checked against an image size and layout."""
+    return fits(resolve(name), image_size, data_format)
+
+
+def fits(spec: Backbone, image_size: int, data_format: str) -> Backbone:
+    """The checks of a resolved spec that need the image size and layout; returns spec.
+
+    Raises:
+        FlowersError: images smaller than the family accepts, or channels_first where the family
+            computes channels_last only.
+    """
     if image_size < spec.min_size:
         raise FlowersError(f"data.image_size={image_size}: {spec.name} needs images of at least "
                            f"{spec.min_size} px")

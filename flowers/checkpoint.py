@@ -13,7 +13,7 @@ process would draw the Dropout masks of epoch 0 again. Each state also holds tho
 With train.checkpoint_every_steps, and when SIGINT/SIGTERM stops training between two steps, a
 state is also saved inside an epoch: backup/epoch-<N>-step-<S>/ after S steps of epoch N (0-based;
 N epochs done). BackupAndRestore restarts such an epoch from its first batch; here the resumed run
-trains only the batches left (flowers.train), and the state adds what an epoch's history row
+trains only the batches left (flowers.training), and the state adds what an epoch's history row
 needs: the running values of the training metrics (METRICS_FILE). fit() resets them at the start of
 every epoch and builds the accuracy metrics only in its first step, so they go back after that
 step, added to it: every training metric here is a Keras Mean (a running total and count), and
@@ -148,7 +148,7 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
     Restoring is BackupAndRestore's own (weights and optimizer state, then the initial epoch) plus
     the generators' states and, for a state inside an epoch, the training metrics' running values.
     The fit() that restores a state inside epoch N must train only its steps left: initial_epoch=N,
-    steps_per_epoch=steps_per_epoch - S, the batches after the first S (flowers.train).
+    steps_per_epoch=steps_per_epoch - S, the batches after the first S (flowers.training).
     """
 
     def __init__(self, backup_dir: Path, position: Position | None = None,

@@ -14,9 +14,12 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from flowers import backbones
+from flowers.backbones import Backbone
 from flowers.errors import FlowersError
 from flowers.paths import experiments_dir, resolve_path
 
@@ -68,6 +71,16 @@ class ModelConfig:
     # store a frozen backbone's convolution kernels in the memory layout the backend's convolution
     # reads (flowers/fold.py; torch: no kernel copy per call, the same values); the same condition
     backend_kernel_layout: bool = True
+
+    @cached_property
+    def backbone_spec(self) -> Backbone:
+        """model.backbone resolved (flowers.backbones.resolve), once per config: validation, the
+        training and the model builder all read this one spec.
+
+        Raises:
+            FlowersError: model.backbone names no backbone (resolve()'s message).
+        """
+        return backbones.resolve(self.backbone)
 
 
 @dataclass(frozen=True)
@@ -285,9 +298,7 @@ def validate(experiment: Experiment) -> None:
         )
     _require(bool(m.backbone.strip()), "model.backbone", m.backbone,
              "must name a backbone, e.g. ResNet50, MobileNetV3Small or package.module:function")
-    from flowers import backbones  # keras-free: the name, size and layout checks of the table
-
-    backbones.check(m.backbone, d.image_size, m.data_format)
+    backbones.fits(m.backbone_spec, d.image_size, m.data_format)
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")

@@ -4,8 +4,8 @@ The CLI installs the handlers. Outside training a signal raises Interrupted at o
 written are atomic, flowers.files, so nothing half-written is left). While model.fit runs
 (`deferred()`), the signal is only recorded and training stops at the next step boundary
 (`check()`, called by a callback after each step and after each epoch's checkpoint), once the
-state after that step is saved (flowers.train.StepBoundary), so `--resume` continues from there. A
-second signal while one is pending stops at once.
+state after that step is saved (flowers.training.callbacks.StepBoundary), so `--resume` continues
+from there. A second signal while one is pending stops at once.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def build_model(config: ModelConfig, image_size: int, num_classes: int,
     """
     if num_classes < 2:
         raise FlowersError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
-    spec = backbones.check(config.backbone, image_size, config.data_format)
+    spec = backbones.fits(config.backbone_spec, image_size, config.data_format)
     imagenet_weights.check_available(spec, config.weights)
     weights = config.weights
     if weights not in ("none", "imagenet"):
@@ -265,7 +265,7 @@ def resolve_data_format(config: ModelConfig) -> str:
         return config.data_format
     from flowers.backend import preferred_data_format
 
-    if not backbones.resolve(config.backbone).channels_first:
+    if not config.backbone_spec.channels_first:
         return "channels_last"
     return preferred_data_format(keras.backend.backend())
 

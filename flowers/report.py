@@ -51,7 +51,6 @@ from flowers.report_stats import (
 from flowers.report_text import SETUP_KEYS, render_markdown, what_differs, write_csv
 from flowers.report_text import render_table as render_table  # what the CLI prints
 
-PREDICTIONS_FILE = "predictions.csv"
 SEED_KEY = "train.seed"  # the replication axis: runs that differ only in it do the same job
 # Quality rows get a "best" only when the verdict says the backends differ; timing rows by mean.
 QUALITY_KEYS = ("val_loss", "val_accuracy", "val_top5_accuracy")
@@ -246,7 +245,7 @@ def load_runs(run_dirs: Sequence[str | Path], allow_mixed: bool = False) -> tupl
 
 def _read_predictions(run_dir: Path, metrics: Mapping[str, Any]) -> Predictions | str:
     """The run's predictions.csv, or why it cannot be used (no file: a run from before it existed)."""
-    path = run_dir / PREDICTIONS_FILE
+    path = run_dir / runs.PREDICTIONS_FILE
     if not path.is_file():
         return NO_PREDICTIONS
     try:

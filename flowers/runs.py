@@ -22,6 +22,8 @@ from flowers.errors import FlowersError
 from flowers.files import INCOMPLETE_PREFIX
 
 RUN_FILES = ("config.json", "metrics.json", "history.csv", "model.keras")
+# Every validation image's label and predicted probabilities (written by training, read by compare).
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def new_run_id() -> str:

@@ -266,7 +266,7 @@ def test_feature_cache_head_equals_full_model(backend, flowers12):
         backend.select("{backend}")
         import keras
         from flowers.model import build_model, feature_extractor, head
-        from flowers.train import cached_feature_data
+        from flowers.training.phases import cached_feature_data
         exp = config.load_experiment("flowers12", ["data.image_size=32", "train.cache_features=true"])
         splits = data.load(exp.data, exp.train.batch_size, seed=0)
         model = build_model(exp.model, 32, 12)
@@ -326,7 +326,7 @@ def test_eval_time_is_measured_after_a_warm_up_in_both_modes(tmp_path, cache):
         from flowers import backend, config
         backend.select("tensorflow")
         import keras
-        from flowers.train import train
+        from flowers.training.loop import train
         calls = []
         evaluate = keras.Model.evaluate
         def logged(self, x=None, *args, **kwargs):

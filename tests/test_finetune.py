@@ -29,7 +29,7 @@ def test_finetune_changes_the_unfrozen_layers_and_only_those(tmp_path):
         import keras
         from flowers.config import load_experiment
         from flowers.model import backbone_of, load_model
-        from flowers.train import train
+        from flowers.training.loop import train
 
         snapshots = []
         class Snapshot(keras.callbacks.Callback):

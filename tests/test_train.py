@@ -109,7 +109,7 @@ def test_interrupted_run_resumes_to_a_complete_run(tmp_path):
         from flowers import backend, config
         backend.select("tensorflow")
         import keras
-        from flowers.train import train
+        from flowers.training.loop import train
 
         class DieAfterFirstEpoch(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):

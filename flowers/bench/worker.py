@@ -282,7 +282,7 @@ def end_to_end(request: dict[str, Any]) -> dict[str, Any]:
     request: backend, e2e ("standard" | "cache" | "cache-bf16"), epochs, images_per_class, image_size,
     batch_size, images, backbone (see flowers.bench.run).
     """
-    from flowers.train import train
+    from flowers.training.loop import train
 
     workdir = Path(tempfile.mkdtemp(prefix="flowers-bench-e2e-"))
     try:

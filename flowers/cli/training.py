@@ -54,7 +54,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     gpu_warning = backend.gpu_warning(name)
     if gpu_warning:
         click.echo(f"warning: {gpu_warning}", err=True)
-    from flowers.train import train_seeds
+    from flowers.training.loop import train_seeds
 
     try:
         for run_dir in train_seeds(experiments, name, root, resume_dir=resume_dir, progress=click.echo):
@@ -89,6 +89,6 @@ def evaluate(run_dir: Path, backend_name: str | None) -> None:
     runs.check_complete(run_dir)
     _, raw = runs.read_run_config(run_dir)
     name = backend.select(backend_name or raw["backend"])
-    from flowers.train import evaluate_run
+    from flowers.training.measure import evaluate_run
 
     click.echo(json.dumps(evaluate_run(run_dir, name), indent=2))
