@@ -297,6 +297,19 @@ def hub_backbone(spec: Backbone, weights: str, image_size: int) -> Any:
     """
     import keras
 
+    backbone, scale, offset = _load_hub_preset(spec, weights, image_size)
+    images = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(scale, offset, name="hub_preprocess")(images)
+    # call(), not __call__: replays the backbone's layers on x, so they join this one flat graph
+    features = backbone.call(x)
+    return keras.Model(images, features, name=backbone.name)
+
+
+def _load_hub_preset(spec: Backbone, weights: str, image_size: int) -> tuple[Any, Any, Any]:
+    """(the preset's backbone built for image_size, the scale and offset of its preprocessing),
+    checked to take one image and return a feature map (see hub_backbone)."""
+    import keras
+
     preset = spec.name[len(HUB_PREFIX):].strip()
     if weights not in ("imagenet", "none"):
         raise FlowersError(f"model.weights={weights!r}: a KerasHub preset carries its own weights; "
@@ -315,9 +328,14 @@ def hub_backbone(spec: Backbone, weights: str, image_size: int) -> Any:
         scale, offset = _hub_rescaling(keras_hub, spec.name, preset)
     finally:
         keras.config.set_image_data_format(previous)
+    _check_hub_interface(spec, backbone, image_size)
+    return backbone, scale, offset
 
+
+def _check_hub_interface(spec: Backbone, backbone: Any, image_size: int) -> None:
+    """Refuse a KerasHub backbone that does not take one image or return one feature map."""
     inputs = getattr(backbone, "inputs", None) or []
-    if len(inputs) != 1 or tuple(inputs[0].shape[1:]) != shape:
+    if len(inputs) != 1 or tuple(inputs[0].shape[1:]) != (image_size, image_size, 3):
         got = [tuple(i.shape) for i in inputs]
         raise FlowersError(f"model.backbone={spec.name!r}: the {type(backbone).__name__} takes input(s) "
                            f"{got}; flowers needs one image input of shape (None, {image_size}, "
@@ -327,11 +345,6 @@ def hub_backbone(spec: Backbone, weights: str, image_size: int) -> Any:
         raise FlowersError(f"model.backbone={spec.name!r}: the {type(backbone).__name__} returns "
                            f"{got}; flowers needs a convolutional feature map [N, H, W, C] (e.g. "
                            "ResNet, EfficientNet, MobileNet, ConvNeXt, CSPNet, DenseNet, VGG presets)")
-    images = keras.Input(shape=shape, name="image")
-    x = keras.layers.Rescaling(scale, offset, name="hub_preprocess")(images)
-    # call(), not __call__: replays the backbone's layers on x, so they join this one flat graph
-    features = backbone.call(x)
-    return keras.Model(images, features, name=backbone.name)
 
 
 def _import_keras_hub(name: str) -> Any:

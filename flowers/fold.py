@@ -56,21 +56,41 @@ def clone_with_weights(model: keras.Model, clone_function: Callable, call_functi
     inputs are named as its own, and whose layers take the weights and trainable flag of the
     same-named layer of `model`: `weights[name]` instead where given, nothing for a name in `keep`
     (a layer the clone function brought with its weights)."""
-    weights = weights or {}
     inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
               for t in model.inputs]
     copy = keras.models.clone_model(model, input_tensors=inputs if len(inputs) > 1 else inputs[0],
                                     clone_function=clone_function, call_function=call_function)
-    for layer in copy.layers:
+    copy_weights(model, copy, weights, keep, clone=True)
+    return copy
+
+
+def copy_weights(source: keras.Model, target: keras.Model, weights: dict[str, list] | None = None,
+                 keep: Collection[str] = (), clone: bool = False) -> None:
+    """Give each layer of `target` the weights of the same-named layer of `source`: `weights[name]`
+    instead where given, nothing for an input layer or a name in `keep`.
+
+    clone: `target` is a clone of `source` (clone_with_weights): every layer has its namesake, whose
+    weights it must be able to take, and takes its trainable flag too. Otherwise `target` was built
+    again with other options (flowers bench's variants): a layer `source` lacks, or whose namesake
+    holds another number of weights (a keras Dropout has none where a PortableDropout has its step
+    counter), keeps its own.
+    """
+    weights = weights or {}
+    for layer in target.layers:
         if isinstance(layer, keras.layers.InputLayer) or layer.name in keep:
             continue
-        source = model.get_layer(layer.name)
+        try:
+            origin = source.get_layer(layer.name)
+        except ValueError:
+            if clone:
+                raise
+            continue
         if layer.name in weights:
             layer.set_weights(weights[layer.name])
-        elif source.weights:
-            layer.set_weights(source.get_weights())
-        layer.trainable = source.trainable
-    return copy
+        elif origin.weights and (clone or len(origin.weights) == len(layer.weights)):
+            layer.set_weights(origin.get_weights())
+        if clone:
+            layer.trainable = origin.trainable
 
 
 def foldable_pairs(model: keras.Model) -> dict[str, str]:

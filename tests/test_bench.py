@@ -136,7 +136,8 @@ def test_a_bf16_miss_says_when_the_cpus_bf16_peak_cannot_reach_the_goal(tiny_ben
     import copy
 
     from flowers.bench.render import targets_table
-    from flowers.bench.run import BF16_VARIANT, evaluate_targets
+    from flowers.bench.targets import evaluate_targets
+    from flowers.bench.variants import BF16_VARIANT
 
     results = copy.deepcopy(tiny_bench[0])
     for f in results["backends"].values():

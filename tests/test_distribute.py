@@ -1,4 +1,4 @@
-"""Data-parallel training (flowers/distribute.py): the same losses as one device, on every engine.
+"""Data-parallel training (flowers/distribute/): the same losses as one device, on every engine.
 
 Every distributed run is a set of local `python -m flowers train` processes, each in its own process
 group with a hard timeout (collectives can hang; a hung test kills its groups and fails). Dropout is

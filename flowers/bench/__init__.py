@@ -1,6 +1,7 @@
 """`flowers bench`: every backend against native code and the hardware (used only by that command).
 
-run        orchestration: worker processes driven round by round, figures, targets, bench.json/.md
+run        orchestration: worker processes driven round by round, figures, bench.json/.md
+targets    the performance targets and whether a bench.json's figures meet them
 render     bench.md: header, figures table, targets table
 worker     one backend's side, in its own process (python -m flowers.bench.worker)
 native     the same network as plain PyTorch and a plain tf.function, for the keras/native ratios

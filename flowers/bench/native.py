@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,37 @@ def torch_model(model, channels_last_memory: bool = False):
     from torch import nn
     from torch.nn import functional as F
 
-    weights = keras_weights(model)
+    conv, bn, dense = _torch_layers(keras_weights(model))
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = _torch_backbone(conv, bn, channels_last_memory)
+            self.dense = dense("head_dense")
+            self.dropout = nn.Dropout(float(model.get_layer("head_dropout").rate))
+            self.out = dense("logits")
+
+        def logits(self, images):
+            with torch.no_grad():  # frozen backbone: no gradients flow into it
+                features = self.backbone(images)
+            return self.out(self.dropout(F.relu(self.dense(features))))
+
+        def forward(self, images):
+            return torch.softmax(self.logits(images), dim=-1)
+
+    module = Classifier().eval()
+    if channels_last_memory:
+        module = module.to(memory_format=torch.channels_last)
+    for p in module.backbone.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _torch_layers(weights: dict[str, dict[str, np.ndarray]]) -> tuple[Callable, Callable, Callable]:
+    """(conv, bn, dense): each makes the torch layer of that kind holding the weights of the Keras
+    layer it is named after (kernels transposed from Keras' HWIO / IO to torch's OIHW / OI)."""
+    import torch
+    from torch import nn
 
     def conv(name: str, stride: int = 1, padding: int = 0) -> nn.Conv2d:
         kernel, bias = weights[name]["kernel"], weights[name]["bias"]
@@ -91,6 +122,16 @@ def torch_model(model, channels_last_memory: bool = False):
         layer.weight.data = torch.from_numpy(kernel.T.copy())
         layer.bias.data = torch.from_numpy(bias.copy())
         return layer
+
+    return conv, bn, dense
+
+
+def _torch_backbone(conv: Callable, bn: Callable, channels_last_memory: bool):
+    """The ResNet50 backbone as an nn.Module (NHWC RGB 0..255 -> pooled features), its layers made
+    by _torch_layers' conv and bn."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
 
     class Bottleneck(nn.Module):
         def __init__(self, name: str, stride: int, projection: bool):
@@ -121,28 +162,7 @@ def torch_model(model, channels_last_memory: bool = False):
             x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2)  # keras: ZeroPadding2D(1) + MaxPool
             return self.blocks(x).mean(dim=(2, 3))
 
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = Backbone()
-            self.dense = dense("head_dense")
-            self.dropout = nn.Dropout(float(model.get_layer("head_dropout").rate))
-            self.out = dense("logits")
-
-        def logits(self, images):
-            with torch.no_grad():  # frozen backbone: no gradients flow into it
-                features = self.backbone(images)
-            return self.out(self.dropout(F.relu(self.dense(features))))
-
-        def forward(self, images):
-            return torch.softmax(self.logits(images), dim=-1)
-
-    module = Classifier().eval()
-    if channels_last_memory:
-        module = module.to(memory_format=torch.channels_last)
-    for p in module.backbone.parameters():
-        p.requires_grad_(False)
-    return module
+    return Backbone()
 
 
 def torch_native(model, learning_rate: float, channels_last_memory: bool = False) -> NativeModel:
@@ -188,6 +208,44 @@ def tensorflow_native(model, learning_rate: float) -> NativeModel:
     head = {name: {k: tf.Variable(v) for k, v in weights.pop(name).items()}
             for name in ("head_dense", "logits")}
     dropout = float(model.get_layer("head_dropout").rate)
+    backbone = _tensorflow_backbone(weights)
+
+    def logits(features, training: bool):
+        h = tf.nn.relu(features @ head["head_dense"]["kernel"] + head["head_dense"]["bias"])
+        if training and dropout:
+            h = tf.nn.dropout(h, dropout)
+        return h @ head["logits"]["kernel"] + head["logits"]["bias"]
+
+    adam_step = _tensorflow_adam([v for layer in head.values() for v in layer.values()],
+                                 learning_rate)
+    features_fn = tf.function(backbone)
+
+    @tf.function
+    def forward_fn(images):
+        return tf.nn.softmax(logits(backbone(images), training=False))
+
+    @tf.function
+    def train_fn(images, labels):
+        features = tf.stop_gradient(backbone(images))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels, logits(features, training=True)))
+        adam_step(tape, loss)
+        return loss
+
+    return NativeModel(
+        features=lambda images: features_fn(tf.constant(images)).numpy(),
+        forward=lambda images: forward_fn(tf.constant(images)).numpy(),
+        train_step=lambda images, labels: float(train_fn(tf.constant(images),
+                                                         tf.constant(labels, tf.int32))),
+    )
+
+
+def _tensorflow_backbone(weights: dict[str, dict[str, Any]]) -> Callable:
+    """The ResNet50 backbone over tf.nn ops with `weights` (constants): NHWC RGB 0..255 -> pooled
+    features."""
+    import tensorflow as tf
+
     mean = tf.constant(IMAGENET_BGR_MEAN, tf.float32)
 
     def conv(x, name, stride=1, padding="VALID"):
@@ -211,42 +269,26 @@ def tensorflow_native(model, learning_rate: float) -> NativeModel:
             x = tf.nn.relu(bn(conv(y, f"{name}_3_conv"), f"{name}_3_bn") + shortcut)
         return tf.reduce_mean(x, axis=[1, 2])
 
-    def logits(features, training: bool):
-        h = tf.nn.relu(features @ head["head_dense"]["kernel"] + head["head_dense"]["bias"])
-        if training and dropout:
-            h = tf.nn.dropout(h, dropout)
-        return h @ head["logits"]["kernel"] + head["logits"]["bias"]
+    return backbone
 
-    variables = [v for layer in head.values() for v in layer.values()]
+
+def _tensorflow_adam(variables: list, learning_rate: float) -> Callable:
+    """step(tape, loss): one Adam update of `variables` from the tape's gradients of loss, as
+    keras.optimizers.Adam(learning_rate) makes it (its moments live in the closure)."""
+    import tensorflow as tf
+
     moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
     step = tf.Variable(0.0)
 
-    features_fn = tf.function(backbone)
-
-    @tf.function
-    def forward_fn(images):
-        return tf.nn.softmax(logits(backbone(images), training=False))
-
-    @tf.function
-    def train_fn(images, labels):
-        features = tf.stop_gradient(backbone(images))
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels, logits(features, training=True)))
+    def adam_step(tape, loss) -> None:
         step.assign_add(1.0)
         for v, g, (m, s) in zip(variables, tape.gradient(loss, variables), moments, strict=True):
             m.assign(0.9 * m + 0.1 * g)  # Adam, as keras.optimizers.Adam(learning_rate)
             s.assign(0.999 * s + 0.001 * g * g)
             m_hat, s_hat = m / (1 - 0.9**step), s / (1 - 0.999**step)
             v.assign_sub(learning_rate * m_hat / (tf.sqrt(s_hat) + 1e-7))
-        return loss
 
-    return NativeModel(
-        features=lambda images: features_fn(tf.constant(images)).numpy(),
-        forward=lambda images: forward_fn(tf.constant(images)).numpy(),
-        train_step=lambda images, labels: float(train_fn(tf.constant(images),
-                                                         tf.constant(labels, tf.int32))),
-    )
+    return adam_step
 
 
 def differences(keras_model, native: NativeModel, images: np.ndarray) -> dict[str, float]:

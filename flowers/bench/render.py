@@ -8,6 +8,8 @@ from typing import Any
 from flowers.bench.variants import variant_baseline
 from flowers.tables import markdown_table
 
+Row = tuple[str, list[str]]  # a figure's label and its cell per backend
+
 
 def markdown(results: dict[str, Any]) -> str:
     """bench.md: the figures table (median, min-max) and the targets, with the method."""
@@ -47,10 +49,23 @@ def header(results: dict[str, Any]) -> str:
 
 
 def figures_table(results: dict[str, Any]) -> str:
-    """One row per figure, one column per backend."""
+    """One row per figure, one column per backend: the timed figures, then the variants, and the
+    memory, contention and end-to-end figures where they were measured."""
     f, s = results["backends"], results["settings"]
     names = list(f)
-    rows = [
+    rows = [*_timing_rows(f, s, names), *_variant_rows(f, names)]
+    if any(f[n].get("memory") for n in names):
+        rows += _memory_rows(f, s, names)
+    if any(f[n].get("contended") for n in names):
+        rows += _contention_rows(f, s, names)
+    if any(f[n]["e2e"] for n in names):
+        rows += _end_to_end_rows(f, s, names)
+    return markdown_table(["figure", *names], ([label, *cells] for label, cells in rows))
+
+
+def _timing_rows(f: dict[str, Any], s: dict[str, Any], names: list[str]) -> list[Row]:
+    """The figures every bench measures (a declarative table: one entry per row)."""
+    return [
         ("forward img/s, batch 1", [_rate(f[n].get("forward_b1_img_s")) for n in names]),
         (f"forward img/s, batch {s['batch_size']}",
          [_rate(f[n].get("forward_batch_img_s")) for n in names]),
@@ -82,6 +97,11 @@ def figures_table(results: dict[str, Any]) -> str:
         ("layout / jit", [f"{f[n]['data_format']} / {'on' if f[n]['jit_compile'] else 'off'}"
                           for n in names]),
     ]
+
+
+def _variant_rows(f: dict[str, Any], names: list[str]) -> list[Row]:
+    """One row per variant any backend measured or skipped: its rate and its ratio to the default."""
+    rows = []
     for variant in sorted({v for n in names for v in (*f[n]["variants"], *_skipped(f[n]))}):
         kind = "train step" if variant_baseline(variant) == "train_step" else "forward"
         rows.append((f"{kind} img/s with {variant} (× default)",
@@ -90,36 +110,46 @@ def figures_table(results: dict[str, Any]) -> str:
                        if variant in f[n]["variants"] else
                        f"skipped: {_skipped(f[n])[variant]}" if variant in _skipped(f[n]) else "—")
                       for n in names]))
-    if any(f[n].get("memory") for n in names):
-        for task, label in (("forward_batch", f"forward, batch {s['batch_size']}"),
-                            ("train_step", "train step"), ("native_forward", "native forward"),
-                            ("native_train", "native train step")):
-            rows.append((f"peak RSS MiB, {label} (after build)",
-                         [_memory(f[n], task) for n in names]))
-        for task, label in (("forward_batch", "forward"), ("train_step", "train step")):
-            rows.append((f"keras / native peak RSS, {label}",
-                         [_or_missing(f[n], f"keras_vs_native_{task}_rss", _num) for n in names]))
-    if any(f[n].get("contended") for n in names):
-        for task, label in (("forward_b1", "batch 1"), ("forward_batch", f"batch {s['batch_size']}")):
-            rows.append((f"forward img/s, {label}, under contention (slowdown)",
-                         [f"{_rate(f[n]['contended'][f'{task}_img_s'])} "
-                          f"({f[n]['contended'][f'{task}_slowdown']:.2f}×)" for n in names]))
-    if any(f[n]["e2e"] for n in names):
-        e = {n: f[n]["e2e"] for n in names}
-        rows += [
-            (f"end-to-end s, standard ({s['e2e_epochs']} epochs; val acc)",
-             [f"{e[n]['standard']['wall_s']:.1f} ({e[n]['standard']['val_accuracy']:.3f})"
-              for n in names]),
-            ("end-to-end s, train.cache_features (val acc)",
-             [f"{e[n]['cache']['wall_s']:.1f} ({e[n]['cache']['val_accuracy']:.3f})" for n in names]),
-            ("feature-cache speed-up", [f"{e[n]['speedup']:.1f}×" for n in names]),
-            *([("end-to-end s, train.cache_features in mixed_bfloat16 (val acc)",
-                [f"{e[n]['cache-bf16']['wall_s']:.1f} ({e[n]['cache-bf16']['val_accuracy']:.3f})"
-                 for n in names])] if all("cache-bf16" in e[n] for n in names) else []),
-            ("peak host RSS MiB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
-            ("peak device memory MiB", [_num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
-        ]
-    return markdown_table(["figure", *names], ([label, *cells] for label, cells in rows))
+    return rows
+
+
+def _memory_rows(f: dict[str, Any], s: dict[str, Any], names: list[str]) -> list[Row]:
+    """Peak RSS per task (--memory), and Keras' over the native twin's."""
+    rows = []
+    for task, label in (("forward_batch", f"forward, batch {s['batch_size']}"),
+                        ("train_step", "train step"), ("native_forward", "native forward"),
+                        ("native_train", "native train step")):
+        rows.append((f"peak RSS MiB, {label} (after build)", [_memory(f[n], task) for n in names]))
+    for task, label in (("forward_batch", "forward"), ("train_step", "train step")):
+        rows.append((f"keras / native peak RSS, {label}",
+                     [_or_missing(f[n], f"keras_vs_native_{task}_rss", _num) for n in names]))
+    return rows
+
+
+def _contention_rows(f: dict[str, Any], s: dict[str, Any], names: list[str]) -> list[Row]:
+    """The forward rates timed again under --contention, with their slowdown."""
+    return [(f"forward img/s, {label}, under contention (slowdown)",
+             [f"{_rate(f[n]['contended'][f'{task}_img_s'])} "
+              f"({f[n]['contended'][f'{task}_slowdown']:.2f}×)" for n in names])
+            for task, label in (("forward_b1", "batch 1"), ("forward_batch", f"batch {s['batch_size']}"))]
+
+
+def _end_to_end_rows(f: dict[str, Any], s: dict[str, Any], names: list[str]) -> list[Row]:
+    """The end-to-end runs (standard, feature cache, its bf16 run where made) and their memory."""
+    e = {n: f[n]["e2e"] for n in names}
+    return [
+        (f"end-to-end s, standard ({s['e2e_epochs']} epochs; val acc)",
+         [f"{e[n]['standard']['wall_s']:.1f} ({e[n]['standard']['val_accuracy']:.3f})"
+          for n in names]),
+        ("end-to-end s, train.cache_features (val acc)",
+         [f"{e[n]['cache']['wall_s']:.1f} ({e[n]['cache']['val_accuracy']:.3f})" for n in names]),
+        ("feature-cache speed-up", [f"{e[n]['speedup']:.1f}×" for n in names]),
+        *([("end-to-end s, train.cache_features in mixed_bfloat16 (val acc)",
+            [f"{e[n]['cache-bf16']['wall_s']:.1f} ({e[n]['cache-bf16']['val_accuracy']:.3f})"
+             for n in names])] if all("cache-bf16" in e[n] for n in names) else []),
+        ("peak host RSS MiB (standard run)", [f"{f[n]['peak_host_rss_mb']:.0f}" for n in names]),
+        ("peak device memory MiB", [_num(f[n]["peak_device_mem_mb"], "{:.0f}") for n in names]),
+    ]
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:

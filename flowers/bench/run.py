@@ -41,7 +41,8 @@ import numpy as np
 from flowers import backbones, backend, files, host, paths
 from flowers.bench import contention, hardware, native
 from flowers.bench.render import markdown
-from flowers.bench.variants import variant_baseline
+from flowers.bench.targets import evaluate_targets
+from flowers.bench.variants import BF16_VARIANT, variant_baseline
 from flowers.errors import FlowersError
 from flowers.workers import LineWorker, run_worker
 
@@ -64,21 +65,11 @@ VARIANTS = {
 VARIANT_KEYS = ("model.data_format", "train.jit_compile", "train.dtype_policy", "model.fold_batchnorm",
                 "model.backend_kernel_layout", "train.portable_random")
 
-TARGETS = {
-    "keras_vs_native_torch": 0.9, "keras_vs_native_tensorflow": 0.95, "tfdata_vs_memory": 0.95,
-    "forward_vs_fastest": 0.8, "forward_vs_fastest_small": 0.6, "fastest_peak_share": 0.6,
-    "cache_speedup": 5.0, "cache_accuracy_pp": 1.0, "contention_slowdown_vs_others": 2.0,
-    "bf16_vs_fp32": 3.0, "bf16_accuracy_pp": 1.0, "keras_vs_native_torch_memory": 1.3,
-}
-BF16_VARIANT = "train.dtype_policy=mixed_bfloat16"
 # timed again under --contention, with one busy process per logical core beside the workers
 CONTENDED_TASKS = ("forward_b1", "forward_batch")
 # peak memory per task, each in a fresh process (--memory); the native twins where there is one
 MEMORY_TASKS = ("forward_batch", "train_step")
 NATIVE_MEMORY = {"forward_batch": "native_forward", "train_step": "native_train"}
-# Below this side the forward-vs-fastest goal is forward_vs_fastest_small: per-call overheads
-# (Python, kernel launches, layout copies) weigh more where each convolution has little work.
-SMALL_IMAGE_BELOW = 224
 DEFAULT_IMAGES = paths.DEFAULT_PHOTOS
 WORKER_MODULE = "flowers.bench.worker"
 
@@ -139,48 +130,13 @@ def run_bench(settings: BenchSettings, out_root: Path,
     """Measure every backend, write bench.json and bench.md, return (results, output folder)."""
     settings.validate()
     logs = Path(tempfile.mkdtemp(prefix="flowers-bench-"))
-    workers: dict[str, LineWorker] = {}
-    try:
-        for name in settings.backends:
-            progress(f"starting {name} worker")
-            workers[name] = LineWorker(WORKER_MODULE, name, _timing_request(settings),
-                                       logs / f"{name}.log", "bench worker")
-        samples = _interleave(workers, settings, progress)
-        load = None
-        if settings.contention:
-            with contention.background_load() as load:
-                progress(f"contention: {load} busy processes started, one per logical core")
-                contended = _interleave(workers, settings, progress,
-                                        only=[f"contended:{t}" for t in CONTENDED_TASKS])
-            for name in samples:
-                samples[name].update(contended[name])
-        ready = {name: w.ready for name, w in workers.items()}
-    finally:
-        for worker in workers.values():
-            worker.close()
-    memory = {}
-    if settings.memory:
-        for name in settings.backends:
-            tasks = [*MEMORY_TASKS, *(NATIVE_MEMORY[t] for t in MEMORY_TASKS
-                                      if ready[name]["native"])]
-            for task in tasks:
-                progress(f"{name}: peak memory of {task} (a fresh process)")
-                memory.setdefault(name, {})[task] = _memory(name, task, settings, logs)
-    e2e = {}
-    if settings.e2e_epochs:
-        # bf16 accuracy: the feature-cache run again in mixed_bfloat16 where bf16 is native
-        bf16 = hardware.peak_for(next(iter(ready.values()))["device"])["native_bf16"]
-        for name in settings.backends:
-            for mode in ("standard", "cache", *(["cache-bf16"] if bf16 else [])):
-                progress(f"{name}: end-to-end {mode} ({settings.e2e_epochs} epochs)")
-                e2e.setdefault(name, {})[mode] = _end_to_end(name, mode, settings, logs)
+    samples, ready, load = _time_backends(settings, logs, progress)
+    memory = _memory_runs(settings, ready, logs, progress) if settings.memory else {}
+    e2e = _end_to_end_runs(settings, ready, logs, progress) if settings.e2e_epochs else {}
     shutil.rmtree(logs, ignore_errors=True)
 
     device = next(iter(ready.values()))["device"]
-    peak = hardware.peak_for(device)
-    if device == "cpu":
-        peak["gemm_gflops_measured"] = round(hardware.measured_gemm_gflops(), 1)
-        peak["gemm_method"] = "best of 5 float32 2048x2048 matrix products through numpy's BLAS"
+    peak = _peak(device)
     results = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "backbone": settings.backbone,
@@ -203,6 +159,66 @@ def run_bench(settings: BenchSettings, out_root: Path,
     files.write_files(out_dir, {"bench.json": json.dumps(results, indent=2) + "\n",
                                 "bench.md": markdown(results)})
     return results, out_dir
+
+
+def _time_backends(settings: BenchSettings, logs: Path, progress: Callable[[str], None]
+                   ) -> tuple[dict[str, dict[str, dict]], dict[str, dict], int | None]:
+    """Start a timing worker per backend, time every task round by round (and CONTENDED_TASKS again
+    beside a CPU load, --contention), stop them: (samples, each worker's ready line, the number of
+    load processes or None)."""
+    workers: dict[str, LineWorker] = {}
+    try:
+        for name in settings.backends:
+            progress(f"starting {name} worker")
+            workers[name] = LineWorker(WORKER_MODULE, name, _timing_request(settings),
+                                       logs / f"{name}.log", "bench worker")
+        samples = _interleave(workers, settings, progress)
+        load = None
+        if settings.contention:
+            with contention.background_load() as load:
+                progress(f"contention: {load} busy processes started, one per logical core")
+                contended = _interleave(workers, settings, progress,
+                                        only=[f"contended:{t}" for t in CONTENDED_TASKS])
+            for name in samples:
+                samples[name].update(contended[name])
+        return samples, {name: w.ready for name, w in workers.items()}, load
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _memory_runs(settings: BenchSettings, ready: dict[str, dict], logs: Path,
+                 progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """{backend: {task: peak memory}} of MEMORY_TASKS and, where there is one, the native twin's."""
+    memory: dict[str, dict[str, Any]] = {}
+    for name in settings.backends:
+        tasks = [*MEMORY_TASKS, *(NATIVE_MEMORY[t] for t in MEMORY_TASKS if ready[name]["native"])]
+        for task in tasks:
+            progress(f"{name}: peak memory of {task} (a fresh process)")
+            memory.setdefault(name, {})[task] = _memory(name, task, settings, logs)
+    return memory
+
+
+def _end_to_end_runs(settings: BenchSettings, ready: dict[str, dict], logs: Path,
+                     progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """{backend: {mode: run}}: standard and feature-cache runs, and the feature-cache run again in
+    mixed_bfloat16 where bf16 is native (its accuracy)."""
+    bf16 = hardware.peak_for(next(iter(ready.values()))["device"])["native_bf16"]
+    e2e: dict[str, dict[str, Any]] = {}
+    for name in settings.backends:
+        for mode in ("standard", "cache", *(["cache-bf16"] if bf16 else [])):
+            progress(f"{name}: end-to-end {mode} ({settings.e2e_epochs} epochs)")
+            e2e.setdefault(name, {})[mode] = _end_to_end(name, mode, settings, logs)
+    return e2e
+
+
+def _peak(device: str) -> dict[str, Any]:
+    """The device's peaks (flowers.bench.hardware); on a CPU, a measured GEMM rate beside them."""
+    peak = hardware.peak_for(device)
+    if device == "cpu":
+        peak["gemm_gflops_measured"] = round(hardware.measured_gemm_gflops(), 1)
+        peak["gemm_method"] = "best of 5 float32 2048x2048 matrix products through numpy's BLAS"
+    return peak
 
 
 def _interleave(workers: dict[str, LineWorker], settings: BenchSettings,
@@ -269,169 +285,140 @@ def summary(samples_s: Sequence[float], images_per_call: int) -> dict[str, float
             "calls": len(rates)}
 
 
+# Some of one backend's figures and, for each of them that is None, the reason (bench.json's
+# null_reasons), in the order they are written.
+Figures = tuple[dict[str, Any], dict[str, str]]
+
+
 def _backend_figures(name: str, settings: BenchSettings, ready: dict, samples: dict[str, dict],
                      e2e: dict | None, peak: dict, memory: dict | None = None) -> dict[str, Any]:
+    """One backend's entry of bench.json: its timed rates and every figure derived from them."""
+    figures = _timed_figures(ready, samples)
+    median = {task: figures[f"{task}_img_s"]["median"] for task in (*KERAS_TASKS, *NATIVE_TASKS)
+              if f"{task}_img_s" in figures}
+    variants = _variant_figures(name, settings, samples, median, figures["forward_batch_img_s"])
+    reasons: dict[str, str] = {}
+    for values, null_reasons in (_throughput_figures(ready, median, peak),
+                                 _native_figures(name, settings, samples, median),
+                                 variants,
+                                 _bf16_figures(ready, variants[0]["variants"], peak),
+                                 _end_to_end_figures(e2e),
+                                 _contention_figures(settings, samples, median),
+                                 _memory_figures(name, settings, memory)):
+        figures.update(values)
+        reasons.update(null_reasons)
+    figures["null_reasons"] = reasons
+    return figures
+
+
+def _timed_figures(ready: dict, samples: dict[str, dict]) -> dict[str, Any]:
+    """What the worker reported about itself, the rate of every plain task and the first calls."""
     figures: dict[str, Any] = {
         key: ready[key] for key in ("versions", "device", "data_format", "jit_compile",
                                    "gflops_per_image")}
-    reasons: dict[str, str] = {}
     for task, entry in samples.items():
         if not task.startswith(("variant:", "forward_size:", "contended:")):
             figures[f"{task}_img_s"] = summary(entry["samples_s"], entry["images_per_call"])
     figures["first_call_s"] = {t: e["first_call_s"] for t, e in samples.items() if "first_call_s" in e}
-    median = {task: figures[f"{task}_img_s"]["median"] for task in (*KERAS_TASKS, *NATIVE_TASKS)
-              if f"{task}_img_s" in figures}
-    figures["forward_gflops"] = ready["gflops_per_image"] * median["forward_batch"]
-    figures["forward_peak_share"] = (figures["forward_gflops"] / peak["fp32_gflops"]
-                                     if peak.get("fp32_gflops") else None)
-    if figures["forward_peak_share"] is None:
-        reasons["forward_peak_share"] = peak["method"]
-    figures["tfdata_vs_memory"] = median["train_tfdata"] / median["train_memory"]
+    return figures
+
+
+def _throughput_figures(ready: dict, median: dict[str, float], peak: dict) -> Figures:
+    """Forward GFLOP/s and its share of the FP32 peak; the tf.data pipeline's cost."""
+    forward_gflops = ready["gflops_per_image"] * median["forward_batch"]
+    share = forward_gflops / peak["fp32_gflops"] if peak.get("fp32_gflops") else None
+    return ({"forward_gflops": forward_gflops, "forward_peak_share": share,
+             "tfdata_vs_memory": median["train_tfdata"] / median["train_memory"]},
+            {"forward_peak_share": peak["method"]} if share is None else {})
+
+
+def _native_figures(name: str, settings: BenchSettings, samples: dict[str, dict],
+                    median: dict[str, float]) -> Figures:
+    """Keras over its native twin (forward, train step) and how far apart their outputs are."""
     if "native_forward" in median:
-        figures["keras_vs_native_forward"] = median["forward_batch"] / median["native_forward"]
-        figures["keras_vs_native_train"] = median["train_step"] / median["native_train"]
-        figures["native_differences"] = samples["native_forward"].get("native_differences")
-    else:
-        reason = native.unavailable(name, settings.backbone) or "the native twin was not run"
-        for key in ("native_forward_img_s", "native_train_img_s", "keras_vs_native_forward",
-                    "keras_vs_native_train", "native_differences"):
-            figures[key] = None
-            reasons[key] = reason
-    figures["variants"] = {
+        return ({"keras_vs_native_forward": median["forward_batch"] / median["native_forward"],
+                 "keras_vs_native_train": median["train_step"] / median["native_train"],
+                 "native_differences": samples["native_forward"].get("native_differences")}, {})
+    reason = native.unavailable(name, settings.backbone) or "the native twin was not run"
+    keys = ("native_forward_img_s", "native_train_img_s", "keras_vs_native_forward",
+            "keras_vs_native_train", "native_differences")
+    return dict.fromkeys(keys), dict.fromkeys(keys, reason)
+
+
+def _variant_figures(name: str, settings: BenchSettings, samples: dict[str, dict],
+                     median: dict[str, float], forward_batch: dict[str, float]) -> Figures:
+    """Each variant's rate against its baseline's; forward at batch_size per image side (the main
+    side is forward_batch itself)."""
+    variants = {
         task[8:]: {**summary(e["samples_s"], e["images_per_call"]),
                    "vs_default": summary(e["samples_s"], e["images_per_call"])["median"]
                    / median[variant_baseline(task[8:])],
                    "first_call_s": e.get("first_call_s")}
         for task, e in samples.items() if task.startswith("variant:")}
-    figures["variants_skipped"] = variant_plan(name, settings)[1]
-    # forward at batch_size per image side (the main side is forward_batch itself)
-    figures["forward_by_size_img_s"] = {
-        str(size): figures["forward_batch_img_s"] if size == settings.image_size else
+    by_size = {
+        str(size): forward_batch if size == settings.image_size else
         summary(samples[f"forward_size:{size}"]["samples_s"],
                 samples[f"forward_size:{size}"]["images_per_call"])
         for size in settings.sweep()}
-    bf16 = figures["variants"].get(BF16_VARIANT)
-    figures["bf16_peak_share"] = (ready["gflops_per_image"] * bf16["median"] / peak["bf16_gflops"]
-                                  if bf16 and peak.get("bf16_gflops") else None)
-    if figures["bf16_peak_share"] is None:
-        reasons["bf16_peak_share"] = (peak["bf16_method"] if bf16 else
-                                      f"the {BF16_VARIANT} variant was not measured (--variants)")
-    if e2e:
-        standard, cache = e2e["standard"], e2e["cache"]
-        figures["e2e"] = {**e2e, "speedup": standard["wall_s"] / cache["wall_s"],
-                          "accuracy_delta_pp": 100 * (cache["val_accuracy"] - standard["val_accuracy"])}
-        if "cache-bf16" in e2e:
-            figures["e2e"]["bf16_accuracy_delta_pp"] = 100 * (
-                e2e["cache-bf16"]["val_accuracy"] - cache["val_accuracy"])
-        figures["peak_host_rss_mb"] = standard["peak_host_rss_mb"]
-        figures["peak_device_mem_mb"] = standard["peak_device_mem_mb"]
-        if standard["peak_device_mem_mb"] is None:
-            reasons["peak_device_mem_mb"] = standard["null_reasons"]["peak_device_mem_mb"]
-    else:
-        for key in ("e2e", "peak_host_rss_mb", "peak_device_mem_mb"):
-            figures[key] = None
-            reasons[key] = "end-to-end runs skipped (--e2e-epochs 0)"
-    if settings.contention:
-        figures["contended"] = {}
-        for task in CONTENDED_TASKS:
-            entry = samples[f"contended:{task}"]
-            loaded = summary(entry["samples_s"], entry["images_per_call"])
-            figures["contended"][f"{task}_img_s"] = loaded
-            figures["contended"][f"{task}_slowdown"] = median[task] / loaded["median"]
-    else:
-        figures["contended"] = None
-        reasons["contended"] = "not measured (--contention off)"
-    figures["memory"] = memory
+    return ({"variants": variants, "variants_skipped": variant_plan(name, settings)[1],
+             "forward_by_size_img_s": by_size}, {})
+
+
+def _bf16_figures(ready: dict, variants: dict[str, dict], peak: dict) -> Figures:
+    """The mixed_bfloat16 variant's share of the bf16 peak."""
+    bf16 = variants.get(BF16_VARIANT)
+    share = (ready["gflops_per_image"] * bf16["median"] / peak["bf16_gflops"]
+             if bf16 and peak.get("bf16_gflops") else None)
+    if share is not None:
+        return {"bf16_peak_share": share}, {}
+    return {"bf16_peak_share": None}, {"bf16_peak_share": (
+        peak["bf16_method"] if bf16 else f"the {BF16_VARIANT} variant was not measured (--variants)")}
+
+
+def _end_to_end_figures(e2e: dict | None) -> Figures:
+    """The end-to-end runs, the feature cache's speed-up and accuracy deltas, the standard run's
+    memory peaks."""
+    if not e2e:
+        keys = ("e2e", "peak_host_rss_mb", "peak_device_mem_mb")
+        return dict.fromkeys(keys), dict.fromkeys(keys, "end-to-end runs skipped (--e2e-epochs 0)")
+    standard, cache = e2e["standard"], e2e["cache"]
+    runs = {**e2e, "speedup": standard["wall_s"] / cache["wall_s"],
+            "accuracy_delta_pp": 100 * (cache["val_accuracy"] - standard["val_accuracy"])}
+    if "cache-bf16" in e2e:
+        runs["bf16_accuracy_delta_pp"] = 100 * (e2e["cache-bf16"]["val_accuracy"] - cache["val_accuracy"])
+    reasons = ({"peak_device_mem_mb": standard["null_reasons"]["peak_device_mem_mb"]}
+               if standard["peak_device_mem_mb"] is None else {})
+    return ({"e2e": runs, "peak_host_rss_mb": standard["peak_host_rss_mb"],
+             "peak_device_mem_mb": standard["peak_device_mem_mb"]}, reasons)
+
+
+def _contention_figures(settings: BenchSettings, samples: dict[str, dict],
+                        median: dict[str, float]) -> Figures:
+    """CONTENDED_TASKS' rates under --contention and their slowdown against the quiet rates."""
+    if not settings.contention:
+        return {"contended": None}, {"contended": "not measured (--contention off)"}
+    contended = {}
+    for task in CONTENDED_TASKS:
+        entry = samples[f"contended:{task}"]
+        loaded = summary(entry["samples_s"], entry["images_per_call"])
+        contended[f"{task}_img_s"] = loaded
+        contended[f"{task}_slowdown"] = median[task] / loaded["median"]
+    return {"contended": contended}, {}
+
+
+def _memory_figures(name: str, settings: BenchSettings, memory: dict | None) -> Figures:
+    """The peak memory of each task (--memory) and Keras' peak RSS over its native twin's."""
     if memory is None:
-        reasons["memory"] = "not measured (--memory off)"
-    else:
-        for task, native_task in NATIVE_MEMORY.items():
-            key = f"keras_vs_native_{task}_rss"
-            figures[key] = (memory[task]["peak_rss_mb"] / memory[native_task]["peak_rss_mb"]
-                            if native_task in memory else None)
-            if figures[key] is None:
-                reasons[key] = native.unavailable(name, settings.backbone) or "no native twin"
-    figures["null_reasons"] = reasons
-    return figures
-
-
-def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each performance target of the project with its measured value and whether it is met."""
-    rows = []
-    figures = results["backends"]
-
-    def add(name: str, value: float | None, target: float, better: str = "higher",
-            reason: str | None = None, why: str | None = None) -> None:
-        """reason: why there is no value; why: what makes a miss a miss, where it is computable."""
-        met = None if value is None else (value >= target if better == "higher" else value <= target)
-        rows.append({"target": name, "value": value, "goal": target, "better": better, "met": met,
-                     **({"reason": reason} if value is None and reason else {}),
-                     **({"why": why} if met is False and why else {})})
-
-    for name in ("torch", "tensorflow"):
-        if name in figures:  # unmeasured (another --backbone than the twins'): n/a with the reason
-            f, goal = figures[name], TARGETS[f"keras_vs_native_{name}"]
-            for label, key in (("forward", "keras_vs_native_forward"),
-                               ("train step", "keras_vs_native_train")):
-                add(f"keras-on-{name} {label} / native {name}", f[key], goal,
-                    reason=f["null_reasons"].get(key))
-    for name, f in figures.items():
-        add(f"{name}: tf.data-fed / in-memory train step", f["tfdata_vs_memory"],
-            TARGETS["tfdata_vs_memory"])
-    main_size = results["settings"]["image_size"]
-    for size in sorted({int(s) for f in figures.values() for s in f.get("forward_by_size_img_s", {})}
-                       | {main_size}):
-        rate = {name: (f["forward_by_size_img_s"][str(size)] if "forward_by_size_img_s" in f
-                       else f["forward_batch_img_s"])["median"] for name, f in figures.items()}
-        best = max(rate, key=rate.get)
-        goal = TARGETS["forward_vs_fastest" if size >= SMALL_IMAGE_BELOW else
-                       "forward_vs_fastest_small"]
-        for name in figures:
-            if name != best:
-                add(f"{name} forward / fastest ({best}) at {size} px", rate[name] / rate[best], goal)
-    fastest = max(figures, key=lambda n: figures[n]["forward_batch_img_s"]["median"])
-    contended = {name: f["contended"] for name, f in figures.items() if f.get("contended")}
-    if len(contended) > 1:
-        for task, label in (("forward_b1", "batch 1"), ("forward_batch", "batch N")):
-            slow = {name: c[f"{task}_slowdown"] for name, c in contended.items()}
-            for name in slow:
-                others = min(v for n, v in slow.items() if n != name)
-                add(f"{name}: forward {label} slowdown under contention ({slow[name]:.2f}×) / "
-                    f"the others' smallest ({others:.2f}×)", slow[name] / others,
-                    TARGETS["contention_slowdown_vs_others"], better="lower")
-    if "torch" in figures and figures["torch"].get("memory"):
-        f = figures["torch"]
-        for task, label in (("forward_batch", "forward"), ("train_step", "train step")):
-            key = f"keras_vs_native_{task}_rss"
-            add(f"keras-on-torch {label} peak RSS / native torch", f[key],
-                TARGETS["keras_vs_native_torch_memory"], better="lower",
-                reason=f["null_reasons"].get(key))
-    add(f"fastest ({fastest}) forward share of FP32 peak", figures[fastest]["forward_peak_share"],
-        TARGETS["fastest_peak_share"])
-    peak = results["peak"]
-    bf16 = figures[fastest]["variants"].get(BF16_VARIANT)
-    label = f"fastest ({fastest}) forward, mixed_bfloat16 / float32"
-    if peak.get("native_bf16"):
-        ceiling = peak["bf16_gflops"] / peak["fp32_gflops"]
-        add(label, bf16 and bf16["vs_default"], TARGETS["bf16_vs_fp32"],
-            reason=f"the {BF16_VARIANT} variant was not measured (--variants)",
-            why=(f"out of reach on this CPU: its bf16 peak ({peak['bf16_gflops']:.0f} GFLOP/s) is "
-                 f"{ceiling:.1f}× its FP32 peak" if ceiling < TARGETS["bf16_vs_fp32"] else None))
-    else:  # emulated bf16 is several times slower: reported among the variants, not a target
-        rows.append({"target": label, "value": bf16 and bf16["vs_default"],
-                     "goal": TARGETS["bf16_vs_fp32"], "better": "higher", "met": None,
-                     "reason": f"skipped: {peak['bf16_method']}"})
-    for name, f in figures.items():
-        if f["e2e"] and "bf16_accuracy_delta_pp" in f["e2e"]:
-            add(f"{name}: |mixed_bfloat16 - float32| feature-cache val accuracy (pp)",
-                abs(f["e2e"]["bf16_accuracy_delta_pp"]), TARGETS["bf16_accuracy_pp"], better="lower")
-    for name, f in figures.items():
-        if f["e2e"]:
-            add(f"{name}: feature-cache end-to-end speed-up", f["e2e"]["speedup"],
-                TARGETS["cache_speedup"])
-            add(f"{name}: |feature-cache - standard| val accuracy (pp)",
-                abs(f["e2e"]["accuracy_delta_pp"]), TARGETS["cache_accuracy_pp"], better="lower")
-    return rows
+        return {"memory": None}, {"memory": "not measured (--memory off)"}
+    figures: dict[str, Any] = {"memory": memory}
+    reasons = {}
+    for task, native_task in NATIVE_MEMORY.items():
+        key = f"keras_vs_native_{task}_rss"
+        figures[key] = (memory[task]["peak_rss_mb"] / memory[native_task]["peak_rss_mb"]
+                        if native_task in memory else None)
+        if figures[key] is None:
+            reasons[key] = native.unavailable(name, settings.backbone) or "no native twin"
+    return figures, reasons
 
 
 def device_slug(device: str, host: dict[str, Any]) -> str:

@@ -160,6 +160,7 @@ class Worker:
         """The model with variant overrides ("section.key=value,..."), compiled, with the weights of
         the first model built here before its rewrite (every weight's shape is independent of the
         image side)."""
+        from flowers.fold import copy_weights
         from flowers.model import backbone_rewrite, build_model, compile_model, rewrite_classifier
 
         experiment = self._experiment(overrides)
@@ -172,7 +173,7 @@ class Worker:
             if self.original is None:
                 self.original = model
             else:
-                _copy_weights(self.original, model)
+                copy_weights(self.original, model)
             model = rewrite_classifier(model, backbone_rewrite(experiment))
             compile_model(model, 1e-3, self.num_classes, experiment.train.jit_compile)
         finally:
@@ -367,18 +368,6 @@ def _data_config(images: str, image_size: int):
 def _repeat(fn: Callable[[], Any]) -> Callable[[int], list[float]]:
     """count -> the seconds of each of `count` calls of fn (the warm-up is measure()'s)."""
     return lambda count: [ms / 1000 for ms in time_calls(fn, count, warmup=0)]
-
-
-def _copy_weights(source, target) -> None:
-    """The weights of `source`'s layers into `target`'s same-named layers that hold as many
-    (a keras Dropout has none where a PortableDropout has its step counter)."""
-    for layer in target.layers:
-        try:
-            origin = source.get_layer(layer.name)
-        except ValueError:
-            continue
-        if layer.weights and len(origin.weights) == len(layer.weights):
-            layer.set_weights(origin.get_weights())
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,39 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
         FlowersError: unknown backend, bad image size, flowers12 photos missing, or a worker
             failing (its one-line reason is passed on).
     """
-    from flowers.folders import scan_folder
-
     step = on_step or (lambda line: None)
     backends = parse_backends(",".join(backends))
     experiment = parity_experiment(image_size, backbone)
+    photos = _parity_photos(experiment)
+    spec = {
+        "experiment": experiment.to_dict(),
+        "num_classes": photos.num_classes,
+        "forward_files": photos.forward_files,
+        "train_steps": photos.train_steps,
+    }
+    outputs, arrays = _run_workers(backends, spec, step, image_size)
+    results = [_compare(name, arrays[name], arrays[backends[0]]) for name in backends[1:]]
+    return _parity_result(backends, experiment, photos, outputs, arrays[backends[0]], results)
+
+
+@dataclass(frozen=True)
+class _Photos:
+    """The flowers12 photos parity runs on."""
+
+    folder: str
+    num_classes: int
+    forward_files: list[str]  # FORWARD_IMAGES_PER_CLASS validation photos per class
+    train_steps: list[list[str]]  # per step, one training photo per class
+
+
+def _parity_photos(experiment: config.Experiment) -> _Photos:
+    """The experiment's photos: the forward batch and the training photos of each step.
+
+    Raises:
+        FlowersError: the folder is missing, or has fewer than TRAIN_STEPS training photos of a class.
+    """
+    from flowers.folders import scan_folder
+
     _, folder = config.source_kind(experiment.data.source)
     listing = scan_folder(Path(folder), experiment.data.val_fraction, experiment.train.seed)
     num_classes = len(listing.class_names)
@@ -119,46 +148,51 @@ def run_parity(backends: Sequence[str], image_size: int = 224,
     train_files = _per_class(listing.train_files, listing.train_labels, num_classes, TRAIN_STEPS)
     if len(train_files) < TRAIN_STEPS * num_classes:
         raise FlowersError(f"{folder}: parity needs {TRAIN_STEPS} training images per class")
-    # step i trains on the i-th image of every class
-    steps = [[train_files[c * TRAIN_STEPS + i] for c in range(num_classes)]
-             for i in range(TRAIN_STEPS)]
+    return _Photos(folder, num_classes, forward_files, step_batches(train_files, num_classes))
 
+
+def step_batches(train_files: list[str], num_classes: int, steps: int = TRAIN_STEPS) -> list[list[str]]:
+    """The batches of the training steps from _per_class' TRAIN_STEPS files of each class, class by
+    class: step i trains on the i-th image of every class."""
+    return [[train_files[c * steps + i] for c in range(num_classes)] for i in range(steps)]
+
+
+def _run_workers(backends: Sequence[str], spec: dict[str, Any], step: Callable[[str], None],
+                 image_size: int) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
+    """Each backend's worker in turn, the reference first (it builds and saves the model):
+    ({backend: what it reports about itself}, {backend: its arrays})."""
     with tempfile.TemporaryDirectory(prefix="flowers-parity-") as tmp:
         work_dir = Path(tmp)
         arrays_files = {name: work_dir / f"{name}.npz" for name in backends}
-        spec = {
-            "work_dir": str(work_dir),
-            "experiment": experiment.to_dict(),
-            "num_classes": num_classes,
-            "forward_files": forward_files,
-            "train_steps": steps,
-        }
         outputs = {}
         for index, name in enumerate(backends):
             role = "reference: builds and saves the model, " if index == 0 else ""
-            step(f"{name} ({index + 1}/{len(backends)}): {role}predicting {len(forward_files)} "
+            step(f"{name} ({index + 1}/{len(backends)}): {role}predicting {len(spec['forward_files'])} "
                  f"photos, training {TRAIN_STEPS} steps at {image_size} px")
             start = time.perf_counter()
-            request = {**spec, "create": index == 0, "arrays": str(arrays_files[name])}
+            request = {"work_dir": str(work_dir), **spec, "create": index == 0,
+                       "arrays": str(arrays_files[name])}
             outputs[name] = workers.run_worker(WORKER_MODULE, name, request, work_dir, "parity")
             step(f"{name} done in {time.perf_counter() - start:.0f} s")
-        arrays = {name: dict(np.load(path)) for name, path in arrays_files.items()}
+        return outputs, {name: dict(np.load(path)) for name, path in arrays_files.items()}
 
-    reference = backends[0]
-    ref = arrays[reference]
-    results = [_compare(name, arrays[name], ref) for name in backends[1:]]
+
+def _parity_result(backends: Sequence[str], experiment: config.Experiment, photos: _Photos,
+                   outputs: dict[str, dict], ref: dict[str, np.ndarray],
+                   results: list[dict[str, Any]]) -> dict[str, Any]:
+    """parity.json: what was compared, the reference's own figures, each backend's comparison."""
     failures = missed_targets(results)
     sorted_ref = np.sort(ref["probs"], axis=1)
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "reference": reference,
+        "reference": backends[0],
         "backends": list(backends),
-        "image_size": image_size,
+        "image_size": experiment.data.image_size,
         "backbone": experiment.model.backbone,
-        "images_from": paths.project_relative(folder),
-        "num_forward_images": len(forward_files),
+        "images_from": paths.project_relative(photos.folder),
+        "num_forward_images": len(photos.forward_files),
         "train_steps": TRAIN_STEPS,
-        "train_batch_size": num_classes,
+        "train_batch_size": photos.num_classes,
         "learning_rate": experiment.train.learning_rate,
         "dropout": experiment.model.dropout,
         "freeze_backbone": experiment.model.freeze_backbone,

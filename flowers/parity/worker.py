@@ -68,42 +68,15 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     """Predict, then train from the saved init, under request["backend"] (see the module docstring)."""
     import keras
 
-    from flowers.model import (
-        backbone_rewrite,
-        build_model,
-        compile_model,
-        rewrite_classifier,
-        with_probabilities,
-    )
+    from flowers.model import backbone_rewrite, build_model, rewrite_classifier, with_probabilities
 
     name = request["backend"]
     work_dir = Path(request["work_dir"])
     experiment = config.from_dict(request["experiment"])
-    size, num_classes = experiment.data.image_size, request["num_classes"]
+    num_classes = request["num_classes"]
     keras.utils.set_random_seed(experiment.train.seed)
-    model = build_model(experiment.model, size, num_classes)
-    calibrated = None
-    if request["create"]:
-        from flowers.images import load_image_files
-
-        train_files = [f for step in request["train_steps"] for f in step]
-        forward = load_image_files(request["forward_files"], size)
-        train = load_image_files(train_files, size)
-        np.savez(work_dir / INPUTS_FILE, forward=forward, train=train,
-                 train_labels=np.tile(np.arange(num_classes, dtype=np.int32),
-                                      len(request["train_steps"])))
-        forward, train = forward.astype(np.float32), train.astype(np.float32)
-        calibrated = 0
-        # Predictions that vary less across the photos than the target cannot show a difference.
-        if prediction_spread(model, forward) < TARGET_MAX_ABS_PROB_DIFF:
-            calibrated = calibrate_batch_norm(model, experiment, num_classes, train)
-            spread = prediction_spread(model, forward)
-            if spread < TARGET_MAX_ABS_PROB_DIFF:
-                raise FlowersError(
-                    f"parity: {experiment.model.backbone} with random weights predicts (almost) "
-                    f"the same for every photo (spread {spread:.1e}, even after calibrating "
-                    f"{calibrated} BatchNormalization layers on the photos); the comparison would "
-                    "test nothing")
+    model = build_model(experiment.model, experiment.data.image_size, num_classes)
+    calibrated = _prepare_reference(model, experiment, request) if request["create"] else None
     # rewritten as a run's model is (after any calibration: that needs the BatchNormalization)
     model = rewrite_classifier(model, backbone_rewrite(experiment))
     if request["create"]:
@@ -111,29 +84,16 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     model.load_weights(work_dir / INIT_WEIGHTS_FILE)
     inputs = np.load(work_dir / INPUTS_FILE)
 
-    def trainable() -> dict[str, np.ndarray]:
-        return {f"{i:03d}": keras.ops.convert_to_numpy(v.value)
-                for i, v in enumerate(model.trainable_variables)}
-
     # model returns logits (what trains); users see the probabilities
     predictor = with_probabilities(model)
     probs = keras.ops.convert_to_numpy(predictor.predict_on_batch(inputs["forward"].astype(np.float32)))
-    init = trainable()
-    compile_model(model, experiment.train.learning_rate, num_classes)
-    batches = zip(np.split(inputs["train"].astype(np.float32), len(request["train_steps"])),
-                  np.split(inputs["train_labels"], len(request["train_steps"])), strict=True)
-    losses, clipped = [], []
-    for x, y in batches:
-        # Photos whose true-class probability is below keras' epsilon before this step: where a
-        # cross-entropy from probabilities would be clipped under torch and jax.
-        p_true = keras.ops.convert_to_numpy(predictor.predict_on_batch(x))[np.arange(len(y)), y]
-        clipped.append(int((p_true < CLIP_EPSILON).sum()))
-        losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
-    trained = trainable()
+    init = _trainable(model)
+    losses, clipped = _train(model, predictor, experiment, num_classes, inputs,
+                             len(request["train_steps"]))
     np.savez(request["arrays"], probs=probs, losses=np.asarray(losses),
              clipped=np.asarray(clipped),
              **{f"init_{k}": v for k, v in init.items()},
-             **{f"trained_{k}": v for k, v in trained.items()})
+             **{f"trained_{k}": v for k, v in _trainable(model).items()})
     return {
         "device": backend.device(name),
         "data_format": model.get_layer("avg_pool").data_format,
@@ -142,6 +102,66 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         # reference only: BatchNormalization layers calibrated on the photos (0: none needed)
         **({"batch_norm_layers_calibrated": calibrated} if request["create"] else {}),
     }
+
+
+def _prepare_reference(model, experiment: config.Experiment, request: dict[str, Any]) -> int:
+    """The reference's share: decode the photos into the work folder's INPUTS_FILE, and calibrate
+    the model's BatchNormalization where its predictions would not vary across the photos; the
+    number of layers calibrated (0: none needed).
+
+    Raises:
+        FlowersError: the predictions do not vary enough even after calibrating.
+    """
+    from flowers.images import load_image_files
+
+    size, num_classes = experiment.data.image_size, request["num_classes"]
+    train_files = [f for step in request["train_steps"] for f in step]
+    forward = load_image_files(request["forward_files"], size)
+    train = load_image_files(train_files, size)
+    np.savez(Path(request["work_dir"]) / INPUTS_FILE, forward=forward, train=train,
+             train_labels=np.tile(np.arange(num_classes, dtype=np.int32), len(request["train_steps"])))
+    forward, train = forward.astype(np.float32), train.astype(np.float32)
+    # Predictions that vary less across the photos than the target cannot show a difference.
+    if prediction_spread(model, forward) >= TARGET_MAX_ABS_PROB_DIFF:
+        return 0
+    calibrated = calibrate_batch_norm(model, experiment, num_classes, train)
+    spread = prediction_spread(model, forward)
+    if spread < TARGET_MAX_ABS_PROB_DIFF:
+        raise FlowersError(
+            f"parity: {experiment.model.backbone} with random weights predicts (almost) "
+            f"the same for every photo (spread {spread:.1e}, even after calibrating "
+            f"{calibrated} BatchNormalization layers on the photos); the comparison would "
+            "test nothing")
+    return calibrated
+
+
+def _train(model, predictor, experiment: config.Experiment, num_classes: int, inputs,
+           steps: int) -> tuple[list[float], list[int]]:
+    """Compile the model and train it one step per batch of `inputs`: (each step's loss, each
+    step's count of photos whose true-class probability was below CLIP_EPSILON before it)."""
+    import keras
+
+    from flowers.model import compile_model
+
+    compile_model(model, experiment.train.learning_rate, num_classes)
+    batches = zip(np.split(inputs["train"].astype(np.float32), steps),
+                  np.split(inputs["train_labels"], steps), strict=True)
+    losses, clipped = [], []
+    for x, y in batches:
+        # Photos whose true-class probability is below keras' epsilon before this step: where a
+        # cross-entropy from probabilities would be clipped under torch and jax.
+        p_true = keras.ops.convert_to_numpy(predictor.predict_on_batch(x))[np.arange(len(y)), y]
+        clipped.append(int((p_true < CLIP_EPSILON).sum()))
+        losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
+    return losses, clipped
+
+
+def _trainable(model) -> dict[str, np.ndarray]:
+    """The model's trainable weights as numpy arrays, named by their position ("000", "001", ...)."""
+    import keras
+
+    return {f"{i:03d}": keras.ops.convert_to_numpy(v.value)
+            for i, v in enumerate(model.trainable_variables)}
 
 
 if __name__ == "__main__":
