@@ -145,3 +145,33 @@ def test_low_floors_stay_below_the_framework_code():
 def test_a_registry_that_discovers_its_modules_depends_on_each():
     graph = import_graph()
     assert {"flowers.export.formats.onnx", "flowers.export.formats.keras"} <= graph["flowers.export.formats"]
+
+
+# The layers of README.md's Architecture section, bottom-up: a module imports only from its own
+# layer or the ones below.
+LAYERS = [
+    ("foundations", {"paths", "processes", "host", "files", "metrics", "tables", "report_stats", "errors",
+                     "faults", "interrupt", "graph_memory"}),
+    ("settings, data", {"config", "backbones", "weights", "data", "folders", "images", "runs"}),
+    ("backends", {"backend", "distribute", "workers"}),
+    ("model", {"model", "fold", "randomness", "checkpoint"}),
+    ("jobs", {"training", "export", "serve", "bench", "parity", "report", "report_text", "report_charts"}),
+    ("command line", {"cli", "__main__"}),
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.removeprefix("flowers.").split(".")[0]
+    if module == "flowers":
+        return 0  # the package face: __version__
+    for level, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return level
+    raise AssertionError(f"{module} is in no layer of README.md's Architecture section")
+
+
+def test_every_import_goes_to_the_same_layer_or_below():
+    upward = sorted(f"{module} ({LAYERS[layer_of(module)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+                    for module, targets in import_graph().items() for target in targets
+                    if layer_of(target) > layer_of(module))
+    assert upward == []
