@@ -4,9 +4,11 @@
   child selects its own), with Python warnings off, optionally without GPUs.
 - run_command(): a plain tool (git, nvidia-smi), its stdout or one FlowersError line.
 - start_process() / stop_process(): a long-running flowers process (a server) and its graceful stop.
+- start_group() / kill_group(): a silent process in its own process group (the benchmark's CPU
+  load), killed with everything it started.
 
-The worker protocols built on these (a request file, or JSON lines, under one backend) are in
-flowers/workers.py.
+The worker protocols (a request file, or JSON lines, under one backend) start their children in
+flowers/workers.py, with child_env(); no other module starts a process.
 """
 
 from __future__ import annotations
@@ -58,4 +60,19 @@ def stop_process(process: subprocess.Popen, timeout_s: float) -> int:
             return process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
+    return process.wait()
+
+
+def start_group(args: Sequence[str]) -> subprocess.Popen:
+    """Start a silent process (no input, output discarded) in its own process group."""
+    return subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> int:
+    """SIGKILL the process group start_group() made (the process and all it started); its status."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     return process.wait()

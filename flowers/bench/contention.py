@@ -8,11 +8,11 @@ the machine loaded. Every process runs in its own process group and is killed by
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from flowers import processes as children
 
 # the load's own limit: a bench killed mid-way leaves it running this long at most
 MAX_LOAD_S = 1800
@@ -26,19 +26,11 @@ def background_load(processes: int | None = None, limit_s: float = MAX_LOAD_S) -
     Yields the number of load processes started.
     """
     count = processes or os.cpu_count() or 1
-    started: list[subprocess.Popen] = []
+    started: list[children.Process] = []
     try:
         for _ in range(count):
-            started.append(subprocess.Popen(
-                [sys.executable, "-c", SPIN.format(limit=float(limit_s))],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
+            started.append(children.start_group([sys.executable, "-c", SPIN.format(limit=float(limit_s))]))
         yield count
     finally:
         for process in started:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for process in started:
-            process.wait()
+            children.kill_group(process)

@@ -175,3 +175,20 @@ def test_every_import_goes_to_the_same_layer_or_below():
                     for module, targets in import_graph().items() for target in targets
                     if layer_of(target) > layer_of(module))
     assert upward == []
+
+
+# A shared concern's one home (README.md, Architecture): what other modules may not do themselves.
+HOMES = {
+    r"\bsubprocess\.|\bos\.killpg\(": {"flowers/processes.py", "flowers/workers.py"},
+    r"\bos\.replace\(": {"flowers/files.py"},
+}
+
+
+def test_each_shared_concern_stays_in_its_home():
+    import re
+
+    strays = sorted(f"{path.relative_to(PACKAGE.parent)}: {pattern}" for path in PACKAGE.rglob("*.py")
+                    for pattern, homes in HOMES.items()
+                    if str(path.relative_to(PACKAGE.parent)) not in homes
+                    and re.search(pattern, path.read_text()))
+    assert strays == []
