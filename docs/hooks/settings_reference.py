@@ -107,7 +107,7 @@ def render_markdown() -> str:
     return "\n".join(out)
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (mkdocs hook)
+def on_page_markdown(markdown: str, page, config, files) -> str:  # mkdocs calls it by this name
     if page.file.src_uri != PAGE:
         return markdown
     if MARKER not in markdown:
