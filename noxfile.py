@@ -7,11 +7,12 @@
     nox -s unit                                    # the fast tier only: tests/unit, in-process
     nox -s train-torch train-tensorflow train-jax compare -- --experiment smoke   # matrix + report
     nox -s train-torch train-tensorflow train-jax compare -- -e flowers12 --seeds 3   # 3 seeds each,
-                                                   # then the paired report (README, Honest comparisons)
+                                                   # then the paired report (docs/comparisons.md)
     nox -s compare -- --experiment smoke           # report from the runs already there
     nox -s parity -- --image-size 64               # same weights, same photos, every backend
     nox -s bench -- --backends torch,tensorflow    # speed and memory vs native code and the CPU peak
     nox -s export -- RUN_DIR                       # keras, SavedModel, ONNX, LiteRT; verified
+    nox -s docs                                    # the documentation site, strictly, into site/
 
 A session installs CUDA builds when nvidia-smi reports a GPU, CPU builds otherwise. TensorFlow is in
 every training session because tf.data feeds every backend; the torch and jax sessions get its CPU
@@ -170,3 +171,13 @@ def tests(session: nox.Session) -> None:
     # wait on subprocesses that import a framework or compile a graph on one core, so two at once
     # take ~0.7 of the serial time on a 2-core CPU. `-- -n 0` runs them serially.
     session.run("pytest", "-n", "2", "--dist", "loadfile", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ (posargs: mkdocs build); a broken link fails it."""
+    # `-e .` because mkdocs-click imports the CLI and the settings hook reads flowers.config; neither
+    # imports a backend, so no framework is installed.
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs,
+                env={"NO_MKDOCS_2_WARNING": "1"})

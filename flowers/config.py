@@ -35,16 +35,21 @@ class DataConfig:
     source: str = "synthetic"
     # tfds split expressions (e.g. "train[:80%]"); ignored by other sources
     train_split: str = "train"
+    # the validation split, a tfds split expression too
     val_split: str = "test"
     # folder sources without train/ and test|val/ subfolders are split by this fraction
     val_fraction: float = 0.2
+    # side in pixels every image is resized to (>= 32; some backbones need more)
     image_size: int = 224
     # cache decoded, resized images in memory when they fit (see data.py)
     cache: bool = True
     # random flip / rotation / zoom on training images (Keras preprocessing layers)
     augment: bool = False
+    # the "synthetic" source: training images it generates
     synthetic_train_images: int = 256
+    # the "synthetic" source: validation images it generates
     synthetic_val_images: int = 64
+    # the "synthetic" source: classes (>= 2), each its own colour and stripe direction
     synthetic_classes: int = 5
 
 
@@ -58,8 +63,11 @@ class ModelConfig:
     # "imagenet" | "none" | path to the backbone's (include_top=False) weights file; a custom
     # backbone function receives the value as its `weights` argument
     weights: str = "imagenet"
+    # train the head only (fine-tuning unfreezes layers later); false trains the whole network
     freeze_backbone: bool = True
+    # units of the head's Dense relu layer
     head_units: int = 128
+    # the head's dropout rate, in [0, 1)
     dropout: float = 0.5
     # layout of the backbone's tensors: "auto" takes the measured-fastest one for the backend
     # (see backend.preferred_data_format); saved models are always channels_last
@@ -87,9 +95,13 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and measurement settings."""
 
+    # Adam's learning rate in the head-only phase (> 0)
     learning_rate: float = 1e-3
+    # images per training step: the global batch, split over every replica when data-parallel
     batch_size: int = 32
+    # epochs of the head-only phase (>= 1)
     epochs: int = 10
+    # seeds the data order, augmentation, initial weights and dropout masks (0 to 2**32 - 1)
     seed: int = 42
     # timed predict calls per batch size for latency_ms (after 3 untimed warm-up calls)
     latency_repeats: int = 20
@@ -124,6 +136,7 @@ class FinetuneConfig:
 
     # epochs after the head-only phase (train.epochs); 0 = no fine-tuning
     epochs: int = 0
+    # the fine-tuning phase's learning rate, with a fresh Adam (> 0)
     learning_rate: float = 1e-5
     # "all", a number N (the backbone's last N layers) or a layer name (that layer and every one
     # after it; a name prefix such as "conv5" means the first layer whose name starts with it)

@@ -1,7 +1,5 @@
 """Experiment files and --set overrides (in-process: nothing here imports keras)."""
 
-import dataclasses
-
 import pytest
 
 from flowers import config, paths
@@ -126,21 +124,3 @@ def test_resume_differences_name_each_setting_and_ignore_path_spelling():
     # a key an older run's config.json lacks had its default then
     del started["train"]["cache_features"]
     assert config.differences(started, absolute) == []
-
-
-def _documented_keys(section: str) -> str:
-    """The README bullet that lists [section]'s keys (up to the next bullet or blank line)."""
-    lines = (paths.PROJECT_ROOT / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"- `[{section}]`"))
-    end = next(i for i in range(start + 1, len(lines))
-               if not lines[i].strip() or lines[i].startswith("- "))
-    return " ".join(lines[start:end])
-
-
-@pytest.mark.parametrize("section", list(config.SECTIONS))
-def test_every_config_key_is_documented_in_the_readme(section):
-    bullet = _documented_keys(section)
-    missing = [f.name for f in dataclasses.fields(config.SECTIONS[section]) if f"`{f.name}`" not in bullet]
-    assert not missing, f"README's [{section}] key list lacks {missing}"
-    removed = [key.split(".")[1] for key in config.REMOVED_KEYS if key.startswith(section + ".")]
-    assert not [k for k in removed if f"`{k}`" in bullet], "README documents a removed key"
