@@ -55,7 +55,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier: a backbone + GAP -> Dense(head_units, relu) -> Dropout -> softmax."""
+    """The classifier: a backbone + GAP -> Dense(head_units, relu) -> Dropout -> Dense logits (every
+    exported or saved model ends in a softmax: probabilities)."""
 
     # a keras.applications name ("ResNet50", "MobileNetV3Small", ...), "package.module:function"
     # (a team's own backbone) or "hub:PRESET" (KerasHub); see flowers/backbones.py

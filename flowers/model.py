@@ -332,7 +332,7 @@ def load_model(path: Path) -> tuple[keras.Model, list[str]]:
                 import keras_hub  # noqa: F401
             except ImportError:
                 raise FlowersError(f"{path}: the model has KerasHub layers and keras_hub is not "
-                                   "installed (README, KerasHub backbones)") from None
+                                   "installed (docs/backbones.md, KerasHub backbones)") from None
         model = keras.saving.load_model(path, compile=False)  # safe mode: no Python lambdas
     except (zipfile.BadZipFile, ValueError, TypeError, OSError, KeyError) as exc:
         raise FlowersError(f"{path}: not a readable .keras model ({_load_failure(exc)})") from None

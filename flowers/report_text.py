@@ -58,7 +58,7 @@ def render_markdown(comparison: dict[str, Any]) -> str:
         "Each cell: mean ± sd over the backend's seeds (sd with n − 1), n = seeds measured. "
         "↓ lower is better, ↑ higher is better; **bold** = best mean, (1.60×) = mean ÷ best mean. "
         "Accuracy and loss get a best only when the verdict below says the backends differ. "
-        "How each figure is measured: `flowers/metrics.py` (README, Metrics).",
+        "How each figure is measured: `flowers/metrics.py` (docs/training.md, Metrics).",
     ]
     lines += [""] + [f"[{i}] n/a: {reason}" for i, reason in enumerate(footnotes, 1)] if footnotes else []
     lines += ["", "## What differs", ""] + [f"- {line}" for line in comparison["what_differs"]]
@@ -209,7 +209,7 @@ def what_differs(comparison: dict[str, Any]) -> list[str]:
 
 
 def _random_draws_line(columns: Sequence[Mapping[str, Any]]) -> str | None:
-    """Names the runs whose random draws were the backend's own (README, Honest comparisons):
+    """Names the runs whose random draws were the backend's own (docs/comparisons.md, Honest comparisons):
     train.portable_random off (or a run from before it), or random layers it could not make
     portable. None when every run drew alike."""
     own, layers = [], []

@@ -147,7 +147,7 @@ def test_a_registry_that_discovers_its_modules_depends_on_each():
     assert {"flowers.export.formats.onnx", "flowers.export.formats.keras"} <= graph["flowers.export.formats"]
 
 
-# The layers of README.md's Architecture section, bottom-up: a module imports only from its own
+# The layers of docs/architecture.md, bottom-up: a module imports only from its own
 # layer or the ones below.
 LAYERS = [
     ("foundations", {"paths", "processes", "host", "files", "metrics", "tables", "report_stats", "errors",
@@ -167,7 +167,7 @@ def layer_of(module: str) -> int:
     for level, (_, members) in enumerate(LAYERS):
         if top in members:
             return level
-    raise AssertionError(f"{module} is in no layer of README.md's Architecture section")
+    raise AssertionError(f"{module} is in no layer of docs/architecture.md")
 
 
 def test_every_import_goes_to_the_same_layer_or_below():
@@ -177,7 +177,7 @@ def test_every_import_goes_to_the_same_layer_or_below():
     assert upward == []
 
 
-# A shared concern's one home (README.md, Architecture): what other modules may not do themselves.
+# A shared concern's one home (docs/architecture.md): what other modules may not do themselves.
 HOMES = {
     r"\bsubprocess\.|\bos\.killpg\(": {"flowers/processes.py", "flowers/workers.py"},
     r"\bos\.replace\(": {"flowers/files.py"},
