@@ -1,10 +1,9 @@
 """No tracked text file names a folder of the machine that wrote it.
 
 Reports, bench and parity results record paths relative to the project root; docs and code use
-placeholders. Caught: an absolute home (/home/NAME/, /Users/NAME/, /root/, C:\\Users\\NAME\\), a
-temporary folder (/tmp/, /var/folders/, /private/var/), a /work/ folder, and this machine's own home
-and project parent. Allowed placeholders: a name written in angle brackets (/home/<you>/), `~/`,
-and /path/to/.
+placeholders. Caught (the patterns are in GENERIC): an absolute home folder (Linux, macOS, root's,
+Windows), a temporary folder (Linux and macOS), a folder under /work, and this machine's own home
+and project parent. Allowed placeholders: a user name written in angle brackets, `~/`, /path/to/.
 """
 
 import re
@@ -66,7 +65,7 @@ def test_machine_paths_are_found_and_placeholders_are_not():
         f"{SLASH}home{SLASH}ana{SLASH}"]
     assert machine_paths(f"run {SLASH}tmp{SLASH}pytest-1{SLASH}x", ())
     assert machine_paths(f"cd {SLASH}work{SLASH}main", ())
-    assert machine_paths("C:\\Users\\ana\\flowers", ())
+    assert machine_paths("C:" + "\\Users\\ana\\flowers", ())
     assert machine_paths("on /srv/x", ("/srv/",)) == ["/srv/"]
     for placeholder in (f"{SLASH}home{SLASH}<you>{SLASH}photos", "~/.keras/models", "/path/to/photos",
                         "../shared/data/flowers12", "experiments/runs/smoke"):
