@@ -34,7 +34,7 @@ out_option = click.option(
 
 exports_dir_option = click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Root of the export versions (default: $FLOWERS_EXPORTS_DIR or exports/).",
+    help="Root of the export versions (default: $FLOWERS_EXPORTS_DIR or exports/ of the workspace).",
 )
 
 
