@@ -1,6 +1,7 @@
 """A wheel that works from any folder: built, installed into a fresh venv, run from an empty folder.
 
-`pip wheel .` builds the package as users get it (not the checkout); the venv gets only that wheel,
+`pip wheel` builds the package as users get it (from a copy of the files the build reads, so the
+checkout gets no build/ folder); the venv gets only that wheel,
 and sees the test environment's already-installed dependencies through a .pth line naming its
 site-packages. A plain path line in a .pth does not run that folder's own .pth files, so the test
 environment's editable flowers stays out (asserted: `import flowers` resolves into the venv).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -64,7 +66,17 @@ def _files_under(folder: Path) -> set[str]:
 def venv(tmp_path_factory) -> Path:
     """A fresh venv holding only the flowers wheel, with the test environment's dependencies visible."""
     root = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", str(PROJECT_ROOT), "--no-deps", "--no-build-isolation",
+    # built from a copy of what the build reads, so the checkout gets no build/ or egg-info
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(PROJECT_ROOT / name, source)
+    skip = shutil.ignore_patterns("__pycache__", "runs")
+    for name in ("flowers", "experiments"):
+        shutil.copytree(PROJECT_ROOT / name, source / name, ignore=skip)
+    (source / "experiments" / "runs" / "smoke").mkdir(parents=True)  # a run's files must stay out
+    (source / "experiments" / "runs" / "smoke" / "config.toml").write_text("")
+    _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
           "-q", "-w", str(root / "dist")], cwd=root, timeout=180)
     wheel = next((root / "dist").glob("flowers-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
