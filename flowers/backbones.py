@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flowers.errors import FlowersError
-from flowers.paths import PROJECT_ROOT
+from flowers.paths import module_search_path
 
 DEFAULT = "ResNet50"
 HUB_PREFIX = "hub:"
@@ -238,9 +237,8 @@ def load_function(name: str) -> Callable[..., Any]:
     module_name, _, function_name = name.partition(":")
     import sys
 
-    # like `python -m`: modules from PYTHONPATH, the current directory, then the project root (so
-    # "experiments.custom_backbone:small_cnn" works wherever flowers runs from)
-    for folder in (os.getcwd(), str(PROJECT_ROOT)):
+    # like `python -m`: modules from PYTHONPATH, then the folders paths.module_search_path names
+    for folder in module_search_path():
         if folder not in sys.path:
             sys.path.append(folder)
     try:

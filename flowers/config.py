@@ -18,10 +18,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from flowers import backbones
+from flowers import backbones, paths
 from flowers.backbones import Backbone
 from flowers.errors import FlowersError
-from flowers.paths import experiments_dir, resolve_path
+from flowers.paths import resolve_path
 
 # np.random.seed (which keras.utils.set_random_seed calls under every backend) takes 0..2**32-1.
 MAX_SEED = 2**32 - 1
@@ -197,17 +197,20 @@ class Experiment:
 
 
 def list_experiments() -> list[str]:
-    return sorted(p.stem for p in experiments_dir().glob("*.toml"))
+    """Names of the experiments on the search path (the workspace's, then the built-in ones)."""
+    return sorted({p.stem for folder in paths.experiments_search_path() for p in folder.glob("*.toml")})
 
 
 def unknown_experiment(name: str) -> FlowersError:
     """The one-line error for an experiment name with no file, listing the ones there are."""
     available = ", ".join(list_experiments()) or "none"
-    return FlowersError(f"unknown experiment {name!r}; available: {available} (in {experiments_dir()})")
+    searched = ", ".join(str(f) for f in paths.experiments_search_path())
+    return FlowersError(f"unknown experiment {name!r}; available: {available} (in {searched})")
 
 
 def load_experiment(name_or_path: str, overrides: Iterable[str] = ()) -> Experiment:
-    """Read an experiment by name (experiments/NAME.toml) or path, apply overrides, validate.
+    """Read an experiment by name (NAME.toml on the search path: the workspace's experiments/, then
+    the built-in ones) or path, apply overrides, validate.
 
     Args:
         name_or_path: experiment name, or a path to a .toml file.
@@ -219,10 +222,8 @@ def load_experiment(name_or_path: str, overrides: Iterable[str] = ()) -> Experim
     Raises:
         FlowersError: unknown experiment, unknown key, bad type or out-of-range value.
     """
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = experiments_dir() / f"{name_or_path}.toml"
-    if not path.is_file():
+    path = Path(name_or_path) if name_or_path.endswith(".toml") else paths.find_experiment(name_or_path)
+    if path is None or not path.is_file():
         raise unknown_experiment(name_or_path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -359,6 +360,8 @@ def source_kind(source: str) -> tuple[str, str]:
         return "tfds", arg
     if kind == "folder" and arg:
         path = resolve_path(arg)
+        if not path.is_dir() and (paths.names_photos(arg) or path == paths.photos_dir()):
+            raise FlowersError(f"data.source={source!r}: {paths.missing_photos(path)}")
         if not path.is_dir():
             raise FlowersError(f"data.source={source!r}: folder {str(path)!r} does not exist")
         return "folder", str(path)
@@ -403,8 +406,9 @@ def _absolute_from_cwd(name: str, value: Any) -> Any:
     def absolute(text: str) -> str:
         return os.path.abspath(Path(text).expanduser())
 
-    if name == "data.source" and value.startswith("folder:") and len(value) > len("folder:"):
-        return "folder:" + absolute(value[len("folder:"):])
+    folder = value[len("folder:"):] if name == "data.source" and value.startswith("folder:") else ""
+    if folder and not paths.names_photos(folder):
+        return "folder:" + absolute(folder)
     if name == "model.weights" and value not in ("imagenet", "none"):
         return absolute(value)
     return value

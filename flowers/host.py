@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flowers.errors import FlowersError
-from flowers.paths import PROJECT_ROOT
+from flowers.paths import CHECKOUT
 from flowers.processes import run_command
 
 
@@ -67,9 +67,11 @@ def nvidia_gpus() -> list[str]:
 
 def git_state() -> dict[str, Any]:
     """Commit of this checkout, and whether its tree has uncommitted changes."""
+    if CHECKOUT is None:
+        return {"commit": None, "dirty": None, "null_reason": "installed from a wheel, not a checkout"}
     try:
-        commit = run_command(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"])
-        dirty = bool(run_command(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain"]))
+        commit = run_command(["git", "-C", str(CHECKOUT), "rev-parse", "HEAD"])
+        dirty = bool(run_command(["git", "-C", str(CHECKOUT), "status", "--porcelain"]))
     except FlowersError as exc:
         return {"commit": None, "dirty": None,
                 "null_reason": f"not a git checkout or git unavailable ({exc})"}

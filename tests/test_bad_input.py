@@ -41,6 +41,17 @@ def test_folder_problems_fail_before_any_run_dir(tmp_path, flowers12):
     assert _no_runs(tmp_path / "runs")
 
 
+@pytest.mark.parametrize("experiment", ["flowers12", "flowers12-custom"])
+def test_missing_photo_folder_says_where_photos_go(tmp_path, experiment):
+    missing = tmp_path / "no-photos"
+    error = one_line_error(flowers("train", "-e", experiment, "--runs-dir", str(tmp_path / "runs"),
+                                   env={"FLOWERS_PHOTOS": str(missing)}))
+    assert f"no photos at {missing}" in error
+    assert "one subfolder per class" in error and "FLOWERS_PHOTOS" in error
+    assert "../shared/data/flowers12" in error and "-e tf_flowers" in error
+    assert _no_runs(tmp_path / "runs")
+
+
 def test_backend_not_installed_names_the_extra(tmp_path):
     driver = f"""
         import importlib.util

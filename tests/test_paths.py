@@ -22,7 +22,7 @@ def test_experiment_paths_resolve_from_the_project_root_wherever_flowers_runs(
         monkeypatch, flowers12):
     monkeypatch.chdir(PROJECT_ROOT / "experiments")
     experiment = config.load_experiment("flowers12")
-    assert experiment.data.source == "folder:../shared/data/flowers12"  # stored as written
+    assert experiment.data.source == "folder:$FLOWERS_PHOTOS"  # stored as written
     kind, folder = config.source_kind(experiment.data.source)
     assert (kind, folder) == ("folder", str(flowers12))
     listing = scan_folder(paths.resolve_path(folder), experiment.data.val_fraction,

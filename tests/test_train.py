@@ -101,6 +101,27 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
     assert len(names) == 102 and names[0] == "pink primrose"
 
 
+def test_tf_flowers_experiment_end_to_end_with_mock_data(tmp_path):
+    """The tf_flowers experiment (tfds tf_flowers: only a train split, sliced 80/20), offline."""
+    driver = f"""
+        import tensorflow_datasets as tfds
+        import flowers.host
+        from flowers.cli import main
+        flowers.host.can_reach = lambda *args, **kwargs: True  # see the test above
+        with tfds.testing.mock_data(num_examples=50):
+            main(["train", "-e", "tf_flowers", "--backend", "tensorflow", "--runs-dir", "{tmp_path}",
+                  "--set", "model.weights=none", "--set", "data.image_size=32",
+                  "--set", "train.epochs=1", "--set", "train.latency_repeats=2"])
+    """
+    run = run_dir_of(python(driver))
+    metrics = read_json(run / "metrics.json")
+    assert metrics["num_classes"] == 5
+    assert metrics["num_train"] > 0 and metrics["num_val"] > 0  # mock_data ignores split slicing
+    data = read_json(run / "config.json")["experiment"]["data"]
+    assert (data["train_split"], data["val_split"]) == ("train[:80%]", "train[80%:]")  # no test split
+    assert read_json(run / "class_names.json") == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
+
+
 def test_interrupted_run_resumes_to_a_complete_run(tmp_path):
     """A run that dies after epoch 1 leaves only an .incomplete- dir; --resume finishes it."""
     driver = f"""

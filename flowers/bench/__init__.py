@@ -11,6 +11,6 @@ hardware   the device's FP32 peak, from a table of GPUs or measured on the CPU
 """
 
 from flowers.bench.render import markdown
-from flowers.bench.run import DEFAULT_IMAGES, VARIANT_KEYS, BenchSettings, device_slug, run_bench
+from flowers.bench.run import VARIANT_KEYS, BenchSettings, device_slug, run_bench
 
-__all__ = ["DEFAULT_IMAGES", "VARIANT_KEYS", "BenchSettings", "device_slug", "markdown", "run_bench"]
+__all__ = ["VARIANT_KEYS", "BenchSettings", "device_slug", "markdown", "run_bench"]

@@ -70,7 +70,6 @@ CONTENDED_TASKS = ("forward_b1", "forward_batch")
 # peak memory per task, each in a fresh process (--memory); the native twins where there is one
 MEMORY_TASKS = ("forward_batch", "train_step")
 NATIVE_MEMORY = {"forward_batch": "native_forward", "train_step": "native_train"}
-DEFAULT_IMAGES = paths.DEFAULT_PHOTOS
 WORKER_MODULE = "flowers.bench.worker"
 
 

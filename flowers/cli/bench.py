@@ -37,8 +37,8 @@ from flowers.cli.options import default, out_option, parse_sizes
               show_default=True,
               help="Training images per class in the end-to-end runs (half as many validate).")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
-              help="Class folder of real photos (default: ../shared/data/flowers12 if present, "
-                   "else synthetic images).")
+              help="Class folder of real photos (default: $FLOWERS_PHOTOS, else "
+                   "../shared/data/flowers12, if present; else synthetic images).")
 @click.option("--variants", "variant_keys", default="all", show_default=True,
               help="Experiment keys whose other values get a variant each (a forward pass; "
                    "train.portable_random a train step): 'all', 'none' or a comma list of "
@@ -59,8 +59,8 @@ def bench(backends: str, image_size: int, batch_size: int, image_sizes: str, con
     """
     from flowers import bench as benchmark
 
-    if images is None and benchmark.DEFAULT_IMAGES.is_dir():
-        images = benchmark.DEFAULT_IMAGES
+    if images is None and paths.photos_dir().is_dir():
+        images = paths.photos_dir()
     settings = benchmark.BenchSettings(
         backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
         image_size=image_size, batch_size=batch_size, steps=steps, rounds=rounds, warmup=warmup,

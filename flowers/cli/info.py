@@ -19,7 +19,10 @@ def info() -> None:
     versions = backend.versions("tensorflow")
     weights_file = weights.keras_cache_file()
     tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
-    shared = paths.DEFAULT_PHOTOS
+    photos = paths.photos_dir()
+    where = ("FLOWERS_HOME" if os.environ.get("FLOWERS_HOME") else
+             "the checkout" if paths.CHECKOUT else "the current folder; FLOWERS_HOME")
+    searched = ", then ".join(str(folder) for folder in paths.experiments_search_path())
     lines = [
         f"flowers {__version__}  keras {versions['keras_version']}  "
         f"python {versions['python_version']}",
@@ -31,11 +34,14 @@ def info() -> None:
         *(f"  gpu         {name}" for name in gpus),
         *([] if gpus else ["  gpu         none found (nvidia-smi)"]),
         "data:",
-        f"  experiments {paths.experiments_dir()} ({', '.join(config.list_experiments())})",
-        f"  runs        {paths.runs_root()}",
+        f"  workspace   {paths.workspace()} ({where})",
+        f"  experiments {searched} (FLOWERS_EXPERIMENTS_DIR)",
+        f"              {', '.join(config.list_experiments())}",
+        f"  runs        {paths.runs_root()} (FLOWERS_RUNS_DIR)",
         f"  exports     {paths.exports_root()} (FLOWERS_EXPORTS_DIR)",
+        f"  reports     {paths.reports_root()} (FLOWERS_REPORTS_DIR)",
         f"  tfds        {tfds_dir} (TFDS_DATA_DIR)",
         f"  weights     {weights_file} ({'cached' if weights_file.is_file() else 'not cached'})",
-        f"  flowers12   {shared} ({'present' if shared.is_dir() else 'absent'})",
+        f"  flowers12   {photos} ({'present' if photos.is_dir() else 'absent'}) (FLOWERS_PHOTOS)",
     ]
     click.echo("\n".join(lines))

@@ -22,19 +22,19 @@ def backend_option_for(default: str = "$KERAS_BACKEND or tensorflow"):
 backend_option = backend_option_for()
 runs_dir_option = click.option(
     "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Root of the run directories (default: $FLOWERS_RUNS_DIR or experiments/runs).",
+    help="Root of the run directories (default: $FLOWERS_RUNS_DIR or experiments/runs of the workspace).",
 )
 
 
 out_option = click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Reports root (default: $FLOWERS_REPORTS_DIR or reports/).",
+    help="Reports root (default: $FLOWERS_REPORTS_DIR or reports/ of the workspace).",
 )
 
 
 exports_dir_option = click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Root of the export versions (default: $FLOWERS_EXPORTS_DIR or exports/).",
+    help="Root of the export versions (default: $FLOWERS_EXPORTS_DIR or exports/ of the workspace).",
 )
 
 

@@ -80,7 +80,7 @@ def serve(model: Path, runtime: str | None, backend_name: str | None, host: str 
 @click.option("--duration-s", type=float, default=default(LoadSettings, "duration_s"), show_default=True,
               help="Longest time per level.")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
-              help="Folder of JPEG/PNG photos (default: ../shared/data/flowers12).")
+              help="Folder of JPEG/PNG photos (default: $FLOWERS_PHOTOS, else ../shared/data/flowers12).")
 @click.option("--instances", type=int, default=default(LoadSettings, "instances"),
               show_default=True, help="Photos per request.")
 @click.option("--route", default=None,
@@ -124,7 +124,7 @@ def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, 
 @click.option("--max-wait-ms", type=float, default=default(BenchServeSettings, "max_wait_ms"),
               show_default=True)
 @click.option("--images", type=click.Path(path_type=Path), default=None,
-              help="Folder of JPEG/PNG photos (default: ../shared/data/flowers12).")
+              help="Folder of JPEG/PNG photos (default: $FLOWERS_PHOTOS, else ../shared/data/flowers12).")
 @out_option
 def bench_serve(version_dir: Path, runtime_names: str | None, concurrency: str, request_count: int,
                 duration_s: float, max_batch: int, max_wait_ms: float, images: Path | None,

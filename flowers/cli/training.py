@@ -14,7 +14,8 @@ from flowers.errors import FlowersError
 
 
 @click.command()
-@click.option("--experiment", "-e", required=True, help="Name in experiments/ or a .toml path.")
+@click.option("--experiment", "-e", required=True,
+              help="Name (searched in the workspace's experiments/, then the built-in ones) or a .toml path.")
 @backend_option
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one experiment setting; repeatable.")

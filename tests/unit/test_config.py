@@ -117,7 +117,7 @@ def test_resume_differences_name_each_setting_and_ignore_path_spelling():
     assert config.differences(started, bare) == [("train.epochs", 3, 8)]
     # the file's relative folder and --set's absolute spelling of the same folder are one place
     absolute = config.load_experiment(
-        "flowers12", [f"data.source=folder:{paths.PROJECT_ROOT.parent / 'shared/data/flowers12'}",
+        "flowers12", [f"data.source=folder:{paths.photos_dir()}",
                       "train.epochs=3"]).to_dict()
     assert absolute["data"]["source"] != started["data"]["source"]
     assert config.differences(started, absolute) == []
