@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -143,6 +144,27 @@ def learnable_photos(root: Path, count: int = 3) -> list[Path]:
     return sorted((root / "test" / learnable.CLASSES[0]).glob("*.jpg"))[:count]
 
 
+def experiment_on(name: str, images: Path, folder: Path) -> Path:
+    """experiments/NAME.toml with data.source=folder:IMAGES, written as folder/NAME.toml.
+
+    A file, not --set data.source: an experiment file's own folder is checked when it loads, before
+    --set applies, and flowers12's ../shared/data/flowers12 may be absent.
+    """
+    text = (PROJECT_ROOT / "experiments" / f"{name}.toml").read_text()
+    text, count = re.subn(r"^source = .*$", f'source = "folder:{images}"', text, flags=re.M)
+    assert count == 1, name
+    (folder / f"{name}.toml").write_text(text)
+    return folder / f"{name}.toml"
+
+
+@pytest.fixture(scope="session")
+def learnable_experiments(tmp_path_factory, learnable_set) -> dict[str, Path]:
+    """flowers12.toml and flowers12-custom.toml on the generated set, as files."""
+    made = _once(tmp_path_factory, "learnable-experiments", lambda folder: {
+        name: str(experiment_on(name, learnable_set, folder)) for name in ("flowers12", "flowers12-custom")})
+    return {name: Path(path) for name, path in made.items()}
+
+
 # The learning runs: the README's custom backbone (experiments/flowers12-custom.toml, a small CNN
 # trained whole at 32 px) on the generated set. A random frozen ResNet50 cannot learn it (measured
 # 0.08-0.10, chance): on flowers12 it beats chance through the photos' colour, which this set
@@ -151,11 +173,10 @@ LEARNABLE_EPOCHS = 12
 
 
 @pytest.fixture(scope="session")
-def learnable_runs(tmp_path_factory, learnable_set) -> dict[str, Path]:
+def learnable_runs(tmp_path_factory, learnable_experiments) -> dict[str, Path]:
     """One flowers12-custom run per backend on the generated set."""
     made = _once(tmp_path_factory, "learnable-runs", lambda runs: _train_each_backend(
-        "flowers12-custom", runs, "--set", f"data.source=folder:{learnable_set}",
-        "--set", f"train.epochs={LEARNABLE_EPOCHS}"))
+        str(learnable_experiments["flowers12-custom"]), runs, "--set", f"train.epochs={LEARNABLE_EPOCHS}"))
     return {b: Path(run) for b, run in made.items()}
 
 
@@ -179,9 +200,8 @@ def flowers12_runs(tmp_path_factory, flowers12) -> dict[str, Path]:
     proves it; measured here: torch val_accuracy 0.2958, val_loss 2.2478 either way), in 66 s for
     the three backends instead of about 250 s.
     """
-    made = _once(tmp_path_factory, "flowers12-runs",
-                 lambda runs: _train_each_backend("flowers12", runs, "--set", "train.cache_features=true",
-                                                  "--set", f"data.source=folder:{flowers12}"))
+    made = _once(tmp_path_factory, "flowers12-runs", lambda runs: _train_each_backend(
+        str(experiment_on("flowers12", flowers12, runs)), runs, "--set", "train.cache_features=true"))
     return {b: Path(run) for b, run in made.items()}
 
 

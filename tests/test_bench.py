@@ -259,7 +259,7 @@ def test_native_twin_is_the_same_network(backend, learnable_set):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_feature_cache_head_equals_full_model(backend, learnable_set):
+def test_feature_cache_head_equals_full_model(backend, learnable_experiments):
     """head(features(x)) == model(x) for the same weights, and cached features match per image."""
     driver = f"""
         import json
@@ -269,8 +269,8 @@ def test_feature_cache_head_equals_full_model(backend, learnable_set):
         import keras
         from flowers.model import build_model, feature_extractor, head
         from flowers.training.phases import cached_feature_data
-        exp = config.load_experiment("flowers12", ["data.image_size=32", "train.cache_features=true",
-                                                 "data.source=folder:{learnable_set}"])
+        exp = config.load_experiment("{learnable_experiments['flowers12']}",
+                                     ["data.image_size=32", "train.cache_features=true"])
         splits = data.load(exp.data, exp.train.batch_size, seed=0)
         model = build_model(exp.model, 32, 12)
         images, labels = (t.numpy() for t in next(iter(splits.val)))
