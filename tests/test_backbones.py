@@ -1,8 +1,9 @@
 """model.backbone: other keras.applications families and a team's own backbone, end to end.
 
 Training runs are small (the suite runs on a 2-core CPU): the worked custom backbone of the README
-(experiments/custom_backbone.py) on the real flowers12 photos under every backend, exported (from
-the tensorflow run) to every format and verified; MobileNetV3Small on synthetic images under torch
+(experiments/custom_backbone.py) on the suite's generated set under every backend (the session's
+learnable_runs, which tests/test_train.py checks too), exported (from the tensorflow run) to every
+format and verified; MobileNetV3Small on synthetic images under torch
 (channels_first there) and exported. Unknown or broken backbones are one-line errors before any
 run directory exists.
 """
@@ -10,6 +11,7 @@ run directory exists.
 import pytest
 
 from conftest import BACKENDS, flowers, one_line_error, read_json, run_dir_of
+from learnable import CLASSES
 
 TINY = ["data.synthetic_train_images=16", "data.synthetic_val_images=8", "train.batch_size=8",
         "train.latency_repeats=1", "train.epochs=1"]
@@ -19,14 +21,9 @@ def _sets(settings):
     return [a for s in settings for a in ("--set", s)]
 
 
-def _custom(runs_root, backend):
-    return run_dir_of(flowers("train", "-e", "flowers12-custom", "--backend", backend,
-                              "--runs-dir", str(runs_root)))
-
-
 @pytest.fixture(scope="module")
-def custom_run(runs_root, flowers12):
-    return _custom(runs_root, "tensorflow")
+def custom_run(learnable_runs):
+    return learnable_runs["tensorflow"]
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +34,17 @@ def mobilenet_run(runs_root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_custom_backbone_learns_real_photos(request, runs_root, flowers12, backend):
-    run_dir = request.getfixturevalue("custom_run") if backend == "tensorflow" \
-        else _custom(runs_root, backend)
-    metrics = read_json(run_dir / "metrics.json")
+def test_a_custom_backbone_learns_the_generated_set(learnable_runs, backend):
+    """The learning test: the suite's own set (tests/learnable.py), so a plain clone runs it."""
+    assert read_json(learnable_runs[backend] / "class_names.json") == sorted(CLASSES)
+    metrics = read_json(learnable_runs[backend] / "metrics.json")
     assert metrics["backend"] == backend
     assert metrics["backbone"] == "experiments.custom_backbone:small_cnn"
-    assert (metrics["num_train"], metrics["num_val"]) == (720, 240)
-    # chance is 1/12 = 0.083; measured 0.69-0.70 on every backend. At BatchNormalization's default
-    # momentum (0.99) the moving statistics lagged the weights and it fell to 0.12: this catches that
-    assert metrics["val_accuracy"] >= 0.4, metrics["val_accuracy"]
+    assert (metrics["num_train"], metrics["num_val"]) == (480, 180)
+    # chance is 1/12 = 0.083 (standard error 0.021 on 180 images); measured 0.6 on every backend.
+    # At BatchNormalization's default momentum (0.99) the moving statistics lagged the weights and
+    # flowers12 fell from 0.69 to 0.12 under jax: this catches that
+    assert metrics["val_accuracy"] >= 0.35, metrics["val_accuracy"]
 
 
 @pytest.mark.slow

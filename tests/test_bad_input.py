@@ -31,7 +31,7 @@ def test_train_rejects(tmp_path, args, message):
     assert _no_runs(tmp_path / "runs")
 
 
-def test_folder_problems_fail_before_any_run_dir(tmp_path, flowers12):
+def test_folder_problems_fail_before_any_run_dir(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     error = one_line_error(flowers("train", "-e", "smoke", "--backend", "tensorflow",

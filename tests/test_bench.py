@@ -11,11 +11,11 @@ from conftest import BACKENDS, flowers, one_line_error, python, read_json, run_d
 
 
 @pytest.fixture(scope="module")
-def tiny_bench(tmp_path_factory, flowers12):
+def tiny_bench(tmp_path_factory, learnable_set):
     out = tmp_path_factory.mktemp("reports")
     result = flowers("bench", "--image-size", "32", "--batch-size", "4", "--steps", "2",
                      "--rounds", "2", "--warmup", "1", "--e2e-epochs", "2",
-                     "--e2e-images-per-class", "2", "--out", str(out),
+                     "--e2e-images-per-class", "2", "--images", str(learnable_set), "--out", str(out),
                      "--image-sizes", "48", "--contention",
                      # torch.compile needs minutes of C++ compilation on 2 cores: not in the suite
                      "--variants", "model.data_format,train.portable_random")
@@ -163,11 +163,12 @@ def test_bench_markdown_has_every_figure(tiny_bench):
         assert row in text
 
 
-def test_bench_another_backbone_has_no_native_figures_and_says_why(tmp_path, flowers12):
+def test_bench_another_backbone_has_no_native_figures_and_says_why(tmp_path, learnable_set):
     """--backbone reaches every measured model; the ResNet50-only native twins are n/a with the reason."""
     result = flowers("bench", "--backends", "tensorflow", "--backbone", "MobileNetV3Small",
                      "--image-size", "32", "--batch-size", "4", "--steps", "1", "--rounds", "1",
-                     "--warmup", "1", "--e2e-epochs", "0", "--variants", "none", "--out", str(tmp_path))
+                     "--warmup", "1", "--e2e-epochs", "0", "--variants", "none",
+                     "--images", str(learnable_set), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (device_dir,) = (tmp_path / "bench").iterdir()
     results, text = read_json(device_dir / "bench.json"), (device_dir / "bench.md").read_text()
@@ -220,8 +221,8 @@ def test_layout_variants_are_skipped_for_a_channels_last_only_backbone():
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-def test_native_twin_is_the_same_network(backend, flowers12):
-    """The plain PyTorch / tf.function model reproduces the Keras model on real photos."""
+def test_native_twin_is_the_same_network(backend, learnable_set):
+    """The plain PyTorch / tf.function model reproduces the Keras model on photo-like images."""
     driver = f"""
         import json
         import numpy as np
@@ -233,7 +234,7 @@ def test_native_twin_is_the_same_network(backend, flowers12):
         from flowers.model import build_model
         keras.utils.set_random_seed(1)
         images = load_image_files(sorted(p for p in __import__("pathlib").Path(
-            "{flowers12}/test/daisy").glob("*.jpg"))[:4], 64).astype("float32")
+            "{learnable_set}/test").rglob("*.jpg"))[:4], 64).astype("float32")
         out = {{}}
         for fmt in ("channels_last", "channels_first") if "{backend}" == "torch" else ("channels_last",):
             cfg = config.load_experiment("smoke", ["model.data_format=" + fmt]).model
@@ -258,7 +259,7 @@ def test_native_twin_is_the_same_network(backend, flowers12):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_feature_cache_head_equals_full_model(backend, flowers12):
+def test_feature_cache_head_equals_full_model(backend, learnable_experiments):
     """head(features(x)) == model(x) for the same weights, and cached features match per image."""
     driver = f"""
         import json
@@ -268,7 +269,8 @@ def test_feature_cache_head_equals_full_model(backend, flowers12):
         import keras
         from flowers.model import build_model, feature_extractor, head
         from flowers.training.phases import cached_feature_data
-        exp = config.load_experiment("flowers12", ["data.image_size=32", "train.cache_features=true"])
+        exp = config.load_experiment("{learnable_experiments['flowers12']}",
+                                     ["data.image_size=32", "train.cache_features=true"])
         splits = data.load(exp.data, exp.train.batch_size, seed=0)
         model = build_model(exp.model, 32, 12)
         images, labels = (t.numpy() for t in next(iter(splits.val)))
@@ -290,8 +292,8 @@ def test_feature_cache_head_equals_full_model(backend, flowers12):
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["max_abs"] <= 1e-6 and out["cached_max_abs"] <= 1e-5, out
-    # every epoch of the run, each in its own order: epochs x ceil(720 / 32) batches
-    assert out["labels_equal"] and out["train_batches"] == out["epochs"] * -(-720 // 32)
+    # every epoch of the run, each in its own order: epochs x ceil(480 / 32) batches
+    assert out["labels_equal"] and out["train_batches"] == out["epochs"] * -(-480 // 32)
 
 
 @pytest.mark.parametrize("backbone", ["ResNet50", "EfficientNetV2B0"])

@@ -12,26 +12,26 @@ from flowers.folders import scan_folder
 from flowers.images import decode_image_bytes, load_image_files
 
 
-def _photo_folder(tmp_path, flowers12, classes=3, per_class=5):
-    """A small one-level class folder made of real flowers12 photos."""
+def _photo_folder(tmp_path, images, classes=3, per_class=5):
+    """A small one-level class folder of JPEG files from the generated set (tests/learnable.py)."""
     root = tmp_path / "photos"
-    for species in sorted(p.name for p in (flowers12 / "train").iterdir())[:classes]:
+    for species in sorted(p.name for p in (images / "train").iterdir())[:classes]:
         (root / species).mkdir(parents=True)
-        for photo in sorted((flowers12 / "train" / species).iterdir())[:per_class]:
+        for photo in sorted((images / "train" / species).glob("*.jpg"))[:per_class]:
             shutil.copy(photo, root / species / photo.name)
     return root
 
 
-def test_explicit_train_test_folders(flowers12):
-    listing = scan_folder(flowers12, 0.2, seed=0)
+def test_explicit_train_test_folders(learnable_set):
+    listing = scan_folder(learnable_set, 0.2, seed=0)
     assert len(listing.class_names) == 12
-    assert (len(listing.train_files), len(listing.val_files)) == (720, 240)
+    assert (len(listing.train_files), len(listing.val_files)) == (480, 180)
     assert listing.skipped_files == []
     assert all("/train/" in f for f in listing.train_files)
 
 
-def test_single_folder_split_is_stratified_and_seeded(tmp_path, flowers12):
-    root = _photo_folder(tmp_path, flowers12, classes=3, per_class=10)
+def test_single_folder_split_is_stratified_and_seeded(tmp_path, learnable_set):
+    root = _photo_folder(tmp_path, learnable_set, classes=3, per_class=10)
     a = scan_folder(root, 0.2, seed=1)
     b = scan_folder(root, 0.2, seed=1)
     c = scan_folder(root, 0.2, seed=2)
@@ -40,8 +40,8 @@ def test_single_folder_split_is_stratified_and_seeded(tmp_path, flowers12):
     assert not set(a.train_files) & set(a.val_files)
 
 
-def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, flowers12, caplog):
-    root = _photo_folder(tmp_path, flowers12)
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, learnable_set, caplog):
+    root = _photo_folder(tmp_path, learnable_set)
     first_class = sorted(root.iterdir())[0]
     (first_class / "notes.txt").write_text("not an image")
     good = sorted(first_class.glob("*.jpg"))[0].read_bytes()
@@ -57,10 +57,10 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path, flowers12
     ("one_class", "has a single class"),
     ("all_corrupt", "no readable training images for class(es) b"),
 ])
-def test_unusable_folders(tmp_path, flowers12, layout, message):
+def test_unusable_folders(tmp_path, learnable_set, layout, message):
     root = tmp_path / "data"
     root.mkdir()
-    photo = next((flowers12 / "train").rglob("*.jpg"))
+    photo = next((learnable_set / "train").rglob("*.jpg"))
     if layout in ("one_class", "all_corrupt"):
         (root / "a").mkdir()
         for i in range(3):
@@ -84,22 +84,22 @@ def test_synthetic_images_are_seeded_and_balanced():
     assert len(xv) == cfg.synthetic_val_images
 
 
-def test_train_valid_layout_uses_the_species_as_classes(tmp_path, flowers12):
+def test_train_valid_layout_uses_the_species_as_classes(tmp_path, learnable_set):
     """train/ + valid/ (a common download layout) once became a two-class problem."""
     root = tmp_path / "downloaded"
     for split, source in (("train", "train"), ("valid", "test")):
-        for species in sorted(p.name for p in (flowers12 / source).iterdir())[:3]:
+        for species in sorted(p.name for p in (learnable_set / source).iterdir())[:3]:
             (root / split / species).mkdir(parents=True)
-            for photo in sorted((flowers12 / source / species).iterdir())[:4]:
+            for photo in sorted((learnable_set / source / species).iterdir())[:4]:
                 shutil.copy(photo, root / split / species / photo.name)
     listing = scan_folder(root, 0.2, seed=0)
-    assert listing.class_names == sorted(p.name for p in (flowers12 / "train").iterdir())[:3]
+    assert listing.class_names == sorted(p.name for p in (learnable_set / "train").iterdir())[:3]
     assert listing.split_dirs == ("train", "valid")
     assert (len(listing.train_files), len(listing.val_files)) == (12, 12)
 
 
-def test_class_folders_with_subfolders_are_refused(tmp_path, flowers12):
-    root = _photo_folder(tmp_path / "a", flowers12)
+def test_class_folders_with_subfolders_are_refused(tmp_path, learnable_set):
+    root = _photo_folder(tmp_path / "a", learnable_set)
     nested = tmp_path / "nested"
     (nested / "training").mkdir(parents=True)
     shutil.move(str(root), str(nested / "training" / "photos"))
@@ -117,11 +117,11 @@ def _bmp_twins(folder, image):
 
 
 @pytest.mark.parametrize("mode", ["P", "1", "L", "RGBA"])
-def test_every_bmp_mode_decodes_to_the_pixels_of_its_png_twin(tmp_path, flowers12, mode):
+def test_every_bmp_mode_decodes_to_the_pixels_of_its_png_twin(tmp_path, learnable_set, mode):
     """Palette BMPs came out as palette indices and 1-bit BMPs failed mid-epoch under tf.io."""
     from PIL import Image
 
-    photo = Image.open(next((flowers12 / "train").rglob("*.jpg"))).convert("RGB")
+    photo = Image.open(next((learnable_set / "train").rglob("*.jpg"))).convert("RGB")
     picture = photo.convert(mode) if mode != "P" else photo.quantize(64)
     bmp, png = _bmp_twins(tmp_path, picture)
     expected = np.asarray(picture.convert("RGB"))
@@ -130,10 +130,10 @@ def test_every_bmp_mode_decodes_to_the_pixels_of_its_png_twin(tmp_path, flowers1
     assert np.array_equal(load_image_files([bmp], 64), load_image_files([png], 64))
 
 
-def test_webp_photos_are_read_not_skipped(tmp_path, flowers12):
+def test_webp_photos_are_read_not_skipped(tmp_path, learnable_set):
     from PIL import Image
 
-    root = _photo_folder(tmp_path, flowers12, classes=2, per_class=5)
+    root = _photo_folder(tmp_path, learnable_set, classes=2, per_class=5)
     for jpg in root.rglob("*.jpg"):
         Image.open(jpg).save(jpg.with_suffix(".webp"), lossless=True)
         jpg.unlink()
@@ -152,10 +152,10 @@ def _png_header_only(width, height):
             + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
 
 
-def test_hostile_files_in_a_class_folder_are_skipped_not_crashed_on(tmp_path, flowers12, caplog):
+def test_hostile_files_in_a_class_folder_are_skipped_not_crashed_on(tmp_path, learnable_set, caplog):
     from PIL import Image
 
-    root = _photo_folder(tmp_path, flowers12)
+    root = _photo_folder(tmp_path, learnable_set)
     first_class = sorted(root.iterdir())[0]
     (first_class / "bomb.png").write_bytes(_png_header_only(30000, 30000))  # 900 Mpixel claim
     (first_class / "fake.jpg").write_text("GIF89a? no: plain text named like a JPEG")
@@ -169,7 +169,7 @@ def test_hostile_files_in_a_class_folder_are_skipped_not_crashed_on(tmp_path, fl
     assert "bomb.png" in caplog.text
 
 
-def test_a_photo_without_read_permission_is_skipped_with_its_reason(tmp_path, flowers12):
+def test_a_photo_without_read_permission_is_skipped_with_its_reason(tmp_path, learnable_set):
     """chmod 000 on one photo. Root reads it anyway (CAP_DAC_OVERRIDE), so as root the scan runs
     without that capability and CAP_DAC_READ_SEARCH (setpriv --bounding-set), as a user would."""
     import os
@@ -177,7 +177,7 @@ def test_a_photo_without_read_permission_is_skipped_with_its_reason(tmp_path, fl
     import sys
     import textwrap
 
-    root = _photo_folder(tmp_path, flowers12)
+    root = _photo_folder(tmp_path, learnable_set)
     photo = sorted(sorted(root.iterdir())[0].iterdir())[0]
     photo.chmod(0)
     as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BACKENDS, flowers, one_line_error, python, read_json, run_dir_of
+from conftest import BACKENDS, flowers, learnable_photos, one_line_error, python, read_json, run_dir_of
 
 FORMATS = ("keras", "savedmodel", "onnx", "tflite")
 ARTEFACTS = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx",
@@ -40,8 +40,8 @@ def exported(smoke_runs, exports_root) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def photo(flowers12) -> Path:
-    return sorted((flowers12 / "test" / "daisy").iterdir())[0]
+def photo(learnable_set) -> Path:
+    return learnable_photos(learnable_set, 1)[0]
 
 
 def _sha256(path: Path) -> str:

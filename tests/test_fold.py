@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from conftest import BACKENDS, FLOWERS12, flowers, python, run_dir_of
+from conftest import BACKENDS, flowers, python, run_dir_of
 
 CHECK = """
     import json, sys
@@ -52,8 +52,8 @@ CHECK = """
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_folded_model_computes_the_unfolded_ones_logits(backend, tmp_path):
-    result = python(CHECK.format(backend=backend, photos=FLOWERS12, out=tmp_path))
+def test_a_folded_model_computes_the_unfolded_ones_logits(backend, tmp_path, learnable_set):
+    result = python(CHECK.format(backend=backend, photos=learnable_set, out=tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert (found["batchnorm_before"], found["batchnorm_left"]) == (53, 0)  # ResNet50's 53 pairs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BACKENDS, flowers, python, read_json, run_dir_of
+from conftest import BACKENDS, flowers, learnable_photos, python, read_json, run_dir_of
 
 
 def _last_layers(model_file: Path, count: int = 2) -> list[tuple[str, str, str | None]]:
@@ -142,8 +142,8 @@ def _probabilities(model_file: Path, photo: Path, *extra: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def photo(flowers12) -> Path:
-    return sorted((flowers12 / "test" / "daisy").iterdir())[0]
+def photo(learnable_set) -> Path:
+    return learnable_photos(learnable_set, 1)[0]
 
 
 def test_an_old_run_predicts_and_exports_like_the_run_itself(old_run, smoke_runs, photo, tmp_path):

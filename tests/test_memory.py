@@ -67,10 +67,11 @@ def test_another_keras_version_keeps_keras_own_method_with_one_warning():
     assert "FLOWERS_FREE_INTERMEDIATES=0" in warnings[0]
 
 
-def test_bench_memory_reports_each_tasks_peak_and_the_ratio_to_native(tmp_path, flowers12):
+def test_bench_memory_reports_each_tasks_peak_and_the_ratio_to_native(tmp_path, learnable_set):
     result = flowers("bench", "--backends", "torch", "--image-size", "32", "--batch-size", "4",
                      "--steps", "1", "--rounds", "1", "--warmup", "1", "--e2e-epochs", "0",
-                     "--variants", "none", "--memory", "--out", str(tmp_path))
+                     "--variants", "none", "--memory", "--images", str(learnable_set),
+                     "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (device_dir,) = (tmp_path / "bench").iterdir()
     f = read_json(device_dir / "bench.json")["backends"]["torch"]

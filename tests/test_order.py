@@ -87,32 +87,32 @@ def _assert_fair_full_permutations(run: dict, num_classes: int, min_distinct: fl
 
 
 @pytest.mark.parametrize("cache", ["true", "false"])
-def test_flowers12_batches_are_fair_full_permutations(flowers12, cache):
-    """720 class-sorted photos, 12 classes: a fair batch of 32 holds ~11.3 classes on average."""
-    run = _epochs("tensorflow", "flowers12", [f"data.cache={cache}"])
-    assert run["cached"] is (cache == "true") and run["num_train"] == 720
+def test_folder_batches_are_fair_full_permutations(learnable_experiments, cache):
+    """480 class-sorted images, 12 classes: a fair batch of 32 holds ~11.2 classes on average."""
+    run = _epochs("tensorflow", str(learnable_experiments["flowers12"]), [f"data.cache={cache}"])
+    assert run["cached"] is (cache == "true") and run["num_train"] == 480
     _assert_fair_full_permutations(run, 12, min_distinct=9)
 
 
-def test_every_image_once_per_epoch(tmp_path, flowers12):
-    """The hash of each image, not only its label: every training photo exactly once an epoch."""
-    driver = """
+def test_every_image_once_per_epoch(tmp_path, learnable_experiments):
+    """The hash of each image, not only its label: every training image exactly once an epoch."""
+    driver = f"""
         import hashlib, json
         from flowers import backend, config
         backend.select("tensorflow")
         from flowers import data
-        exp = config.load_experiment("flowers12", ["data.cache=false"])
+        exp = config.load_experiment("{learnable_experiments['flowers12']}", ["data.cache=false"])
         splits = data.load(exp.data, 32, exp.train.seed)
         seen = [hashlib.sha256(image.tobytes()).hexdigest()
                 for x, _ in splits.train_epochs(0, 1) for image in x.numpy()]
         stored = [hashlib.sha256(image.tobytes()).hexdigest()
                   for x, _ in splits.train_in_order for image in x.numpy()]
-        print(json.dumps({"seen": seen, "stored": stored}))
+        print(json.dumps({{"seen": seen, "stored": stored}}))
     """
     result = python(driver)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert sorted(out["seen"]) == sorted(out["stored"]) and len(out["seen"]) == 720
+    assert sorted(out["seen"]) == sorted(out["stored"]) and len(out["seen"]) == 480
     assert out["seen"] != out["stored"]
 
 
@@ -124,15 +124,16 @@ def test_tfds_class_sorted_split_is_permuted():
     _assert_fair_full_permutations(run, 4, min_distinct=3.5)
 
 
-def test_order_and_augmentation_are_the_same_in_every_backend_and_process(flowers12):
+def test_order_and_augmentation_are_the_same_in_every_backend_and_process(learnable_experiments):
     """Same seed: identical (augmented) batches under torch, tensorflow and jax, and twice in one."""
     sets = ["data.augment=true", "data.cache=false"]
-    runs = {b: _epochs(b, "flowers12", sets) for b in BACKENDS}
-    again = _epochs("tensorflow", "flowers12", sets)
+    experiment = str(learnable_experiments["flowers12"])
+    runs = {b: _epochs(b, experiment, sets) for b in BACKENDS}
+    again = _epochs("tensorflow", experiment, sets)
     assert runs["torch"]["hashes"] == runs["tensorflow"]["hashes"] == runs["jax"]["hashes"]
     assert again["hashes"] == runs["tensorflow"]["hashes"]
     assert runs["jax"]["resumed_hashes"] == runs["jax"]["hashes"][1]
-    other_seed = _epochs("tensorflow", "flowers12", [*sets, "train.seed=7"])
+    other_seed = _epochs("tensorflow", experiment, [*sets, "train.seed=7"])
     assert other_seed["hashes"][0] != runs["tensorflow"]["hashes"][0]
 
 

@@ -19,26 +19,31 @@ from flowers.folders import scan_folder
 
 
 def test_experiment_paths_resolve_from_the_project_root_wherever_flowers_runs(
-        monkeypatch, flowers12):
+        monkeypatch, tmp_path, learnable_set):
+    """An experiment file naming its folder relative to the project root, as flowers12.toml does."""
+    relative = os.path.relpath(learnable_set, PROJECT_ROOT)
+    in_file = tmp_path / "relative.toml"
+    in_file.write_text(f'[data]\nsource = "folder:{relative}"\n')
     monkeypatch.chdir(PROJECT_ROOT / "experiments")
-    experiment = config.load_experiment("flowers12")
-    assert experiment.data.source == "folder:$FLOWERS_PHOTOS"  # stored as written
+    experiment = config.load_experiment(str(in_file))
+    assert experiment.data.source == f"folder:{relative}"  # stored as written
     kind, folder = config.source_kind(experiment.data.source)
-    assert (kind, folder) == ("folder", str(flowers12))
+    assert (kind, folder) == ("folder", str(learnable_set))
     listing = scan_folder(paths.resolve_path(folder), experiment.data.val_fraction,
                           experiment.train.seed)
     assert len(listing.class_names) == 12
-    assert (len(listing.train_files), len(listing.val_files)) == (720, 240)
+    assert (len(listing.train_files), len(listing.val_files)) == (480, 180)
 
 
-def test_set_paths_resolve_from_the_current_directory(monkeypatch, tmp_path, flowers12):
+def test_set_paths_resolve_from_the_current_directory(monkeypatch, tmp_path, learnable_set):
     monkeypatch.chdir(PROJECT_ROOT / "experiments")
-    from_here = os.path.relpath(flowers12)  # ../../shared/data/flowers12 from experiments/
+    from_here = os.path.relpath(learnable_set)  # ../../<tmp>/learnable-set from experiments/
     experiment = config.load_experiment("smoke", [f"data.source=folder:{from_here}"])
-    assert experiment.data.source == f"folder:{flowers12}"  # made absolute, so resume/evaluate agree
+    assert experiment.data.source == f"folder:{learnable_set}"  # made absolute, so resume/evaluate agree
     with pytest.raises(FlowersError, match="does not exist"):
-        # the same text is relative to the project root in a file, but not from here
-        config.load_experiment("smoke", ["data.source=folder:../shared/data/flowers12"])
+        # the same folder relative to the project root (as a file would name it), but not from here
+        in_a_file = os.path.relpath(learnable_set, PROJECT_ROOT)
+        config.load_experiment("smoke", [f"data.source=folder:{in_a_file}"])
 
 
 def test_weights_paths_follow_the_same_rule(monkeypatch, tmp_path):

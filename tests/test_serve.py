@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PROJECT_ROOT, flowers, one_line_error, python, run_dir_of
+from conftest import PROJECT_ROOT, flowers, learnable_photos, one_line_error, python, run_dir_of
 from flowers.serve.bench import free_port, stop, wait_until_ready
 
 START_TIMEOUT_S = 180
@@ -42,8 +42,8 @@ def version(smoke_runs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def photos(flowers12) -> list[Path]:
-    return sorted((flowers12 / "test" / "daisy").iterdir())[:3]
+def photos(learnable_set) -> list[Path]:
+    return learnable_photos(learnable_set)
 
 
 @contextlib.contextmanager
@@ -300,10 +300,10 @@ def test_sigterm_answers_every_accepted_request_and_exits_0(version, photos, tmp
         httpx.get(f"{url}/health", timeout=5)
 
 
-def test_loadtest_writes_well_formed_figures(server, flowers12, tmp_path):
+def test_loadtest_writes_well_formed_figures(server, learnable_set, tmp_path):
     out = tmp_path / "loadtest.json"
     result = flowers("loadtest", server, "--concurrency", "1,4", "--requests", "12", "--duration-s", "60",
-                     "--images", str(flowers12 / "test"), "--out", str(out), timeout=300)
+                     "--images", str(learnable_set / "test"), "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].split() == ["concurrency", "requests", "errors", "requests/s",
                                                      "images/s", "p50", "ms", "p95", "ms", "p99", "ms"]

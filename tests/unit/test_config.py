@@ -1,5 +1,7 @@
 """Experiment files and --set overrides (in-process: nothing here imports keras)."""
 
+import os
+
 import pytest
 
 from flowers import config, paths
@@ -111,14 +113,18 @@ def test_seed_outside_what_numpy_accepts_is_refused(seed, message):
     assert config.load_experiment("smoke", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
 
 
-def test_resume_differences_name_each_setting_and_ignore_path_spelling():
-    started = config.load_experiment("flowers12", ["train.epochs=3"]).to_dict()
-    bare = config.load_experiment("flowers12").to_dict()
+def test_resume_differences_name_each_setting_and_ignore_path_spelling(tmp_path):
+    # a folder named relative to the project root in the file, as flowers12.toml names its photos
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    relative = os.path.relpath(tmp_path / "photos", paths.PROJECT_ROOT)
+    in_file = tmp_path / "photos.toml"
+    in_file.write_text(f'[data]\nsource = "folder:{relative}"\n[train]\nepochs = 8\n')
+    started = config.load_experiment(str(in_file), ["train.epochs=3"]).to_dict()
+    bare = config.load_experiment(str(in_file)).to_dict()
     assert config.differences(started, bare) == [("train.epochs", 3, 8)]
     # the file's relative folder and --set's absolute spelling of the same folder are one place
     absolute = config.load_experiment(
-        "flowers12", [f"data.source=folder:{paths.photos_dir()}",
-                      "train.epochs=3"]).to_dict()
+        str(in_file), [f"data.source=folder:{tmp_path / 'photos'}", "train.epochs=3"]).to_dict()
     assert absolute["data"]["source"] != started["data"]["source"]
     assert config.differences(started, absolute) == []
     # a key an older run's config.json lacks had its default then
