@@ -11,6 +11,9 @@
 - Paths inside experiments and run files: `$FLOWERS_PHOTOS` (a leading placeholder) is the photo
   folder, `~` expanded, relative ones taken from the workspace; reports record paths relative to it
   (project_relative), never a folder of the machine.
+- Tool environments (the TF.js converter's Python, its node packages): $FLOWERS_TOOLS_DIR, else
+  flowers/tools in the user's cache folder (platformdirs: ~/.cache on Linux), shared by every
+  checkout and workspace of the user, since they are large and the same for all.
 - The photo folder of the real-photo jobs (flowers12*, parity, bench, loadtest): the option, else
   $FLOWERS_PHOTOS, else ../shared/data/flowers12 beside the workspace.
 
@@ -129,6 +132,16 @@ def exports_root(override: str | Path | None = None) -> Path:
 def reports_root(override: str | Path | None = None) -> Path:
     """--out, else $FLOWERS_REPORTS_DIR, else reports/ of the workspace."""
     return output_root("reports", override)
+
+
+def tools_dir() -> Path:
+    """Where flowers keeps tool environments: $FLOWERS_TOOLS_DIR, else <user cache>/flowers/tools."""
+    env = os.environ.get("FLOWERS_TOOLS_DIR")
+    if env:
+        return Path(env).expanduser().absolute()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("flowers")) / "tools"
 
 
 def names_photos(text: str) -> bool:

@@ -6,6 +6,8 @@
 - start_process() / stop_process(): a long-running flowers process (a server) and its graceful stop.
 - start_group() / kill_group(): a silent process in its own process group (the benchmark's CPU
   load), killed with everything it started.
+- run_tool(): an installer or converter run to completion (pip, npm, tensorflowjs_converter).
+- start_pipe(): a helper speaking a binary protocol on stdin/stdout (the TF.js node runner).
 
 The worker protocols (a request file, or JSON lines, under one backend) start their children in
 flowers/workers.py, with child_env(); no other module starts a process.
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import IO
 
 from flowers.errors import FlowersError
@@ -76,3 +79,39 @@ def kill_group(process: subprocess.Popen) -> int:
     except ProcessLookupError:
         pass
     return process.wait()
+
+
+def run_tool(args: Sequence[str], timeout_s: float, cwd: str | os.PathLike | None = None,
+             env: dict[str, str] | None = None) -> str:
+    """Run an installer or converter (pip, npm, tensorflowjs_converter) to completion; its output.
+
+    Raises:
+        FlowersError: it could not start, ran past timeout_s, or failed; the message ends with the
+            last line of its output that says why.
+    """
+    try:
+        done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FlowersError(f"{Path(args[0]).name} ran past {timeout_s:.0f} s") from None
+    except OSError as exc:
+        raise FlowersError(f"{args[0]}: {exc.strerror or exc}") from None
+    if done.returncode != 0:
+        raise FlowersError(f"{Path(args[0]).name} failed (exit {done.returncode}): "
+                           f"{last_error_line(done.stderr + done.stdout)}")
+    return done.stdout
+
+
+def last_error_line(output: str) -> str:
+    """The line of a tool's output that best says why it failed: the last one naming an error."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def start_pipe(args: Sequence[str], cwd: str | os.PathLike | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a helper that speaks a binary protocol on stdin/stdout (the TF.js node runner); its
+    stderr is discarded. Stop it with stop_process."""
+    return subprocess.Popen(list(args), cwd=cwd, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -16,16 +16,22 @@ from flowers.export import formats
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--formats", "format_names", default=None, metavar="LIST",
-              help=f"Comma-separated: {', '.join(formats.NAMES)} (default: all of them; see "
-                   "`flowers exports formats`).")
+              help=f"Comma-separated: {', '.join(formats.NAMES)} (default: all of them, "
+                   f"{', '.join(n for n in formats.NAMES if formats.get(n).optional)} once its "
+                   "tools are installed; see `flowers exports formats`).")
+@click.option("--tfjs-quantize", type=click.Choice(formats.get("tfjs").quantizations),
+              default=None, help="Store the TF.js weights as float16 (half the size; the drift is "
+                                 "measured and recorded in the manifest).")
 @exports_dir_option
-def export_command(run_dir: Path, format_names: str | None, out: Path | None) -> None:
+def export_command(run_dir: Path, format_names: str | None, tfjs_quantize: str | None,
+                   out: Path | None) -> None:
     """Export a run to every format, verified in each runtime; the last line is the version dir."""
     from flowers.export import run as export
 
     # export_run checks the request before any framework loads, then selects tensorflow itself.
     version_dir = export.export_run(run_dir, format_names, paths.exports_root(out),
-                                    on_step=lambda line: click.echo(f"  {line}"))
+                                    on_step=lambda line: click.echo(f"  {line}"),
+                                    quantize={"tfjs": tfjs_quantize} if tfjs_quantize else None)
     click.echo(export.render_results(export.read_manifest(version_dir)))
     click.echo(str(version_dir))
 
@@ -66,7 +72,8 @@ def exports_formats() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def predict(model_file: Path, images: tuple[Path, ...], top: int, backend_name: str | None,
             as_json: bool) -> None:
-    """Classify images with a .keras file (under --backend), a SavedModel dir, .onnx or .tflite."""
+    """Classify images with a .keras file (under --backend), a SavedModel dir, .onnx, .tflite or
+    a TF.js model folder."""
     from flowers.export import runtimes
 
     fmt = runtimes.format_of(model_file)

@@ -34,6 +34,7 @@ import platform
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ from flowers.errors import FlowersError
 from flowers.export import formats as registry  # `formats` here: the formats a user asked for
 from flowers.export import runtimes
 from flowers.export.formats import savedmodel
+from flowers.export.formats.base import Conversion
 from flowers.export.runtimes import EXPORT_EXTRA, MANIFEST
 from flowers.metrics import LATENCY_WARMUP_CALLS
 
@@ -75,6 +77,8 @@ class ExportRequest:
     run_config: dict[str, Any]  # the run's config.json
     formats: list[str]  # in registry order
     writers: dict[str, str]  # format -> the backend whose process writes it (keras: none, a copy)
+    quantize: dict[str, str] = dataclasses.field(default_factory=dict)  # format -> "float16"
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # format -> why not written
 
 
 @dataclasses.dataclass
@@ -92,15 +96,21 @@ class ExportRecord:
 def plan_writers(formats: Iterable[str]) -> dict[str, str]:
     """format -> the backend whose process writes it; checks every needed tool is installed.
 
+    A converted format (TF.js) is written by its tool from its source format, whose writer is then
+    planned too, even when the source was not asked for (it is written into scratch space).
+
     Raises:
         FlowersError: a format's writer or runtime is not installed (the extra is named).
     """
     installed = {name for name, version in backend.installed_versions().items() if version}
     plan = {}
-    for fmt in formats:
+    formats = list(formats)
+    for fmt in formats + [registry.get(f).converted_from for f in formats]:
+        if not fmt or fmt in plan:
+            continue
         record = registry.get(fmt)
         runtimes.require(record.runtime_modules, f"verifying format {fmt!r}")
-        if not record.writers:  # the source format: copied from the run
+        if not record.writers:  # copied from the run, or converted from another format
             continue
         usable = [w.backend for w in record.writers
                   if w.backend in installed and not runtimes.missing_modules(w.modules)]
@@ -112,19 +122,42 @@ def plan_writers(formats: Iterable[str]) -> dict[str, str]:
     return plan
 
 
-def check_request(run_dir: str | Path, formats: str | Iterable[str] | None) -> ExportRequest:
+def default_formats() -> list[str]:
+    """What `flowers export` writes without --formats: every format, an optional one (TF.js) only
+    once its toolchain is ready (`--formats tfjs` creates it)."""
+    return [name for name in registry.NAMES if registry.get(name).available_by_default()]
+
+
+def parse_quantize(quantize: dict[str, str] | None, formats: list[str]) -> dict[str, str]:
+    """{format: quantization}, checked against the formats asked for and what each offers."""
+    checked = {}
+    for fmt, kind in (quantize or {}).items():
+        record = registry.get(fmt)
+        if kind not in record.quantizations:
+            offered = ", ".join(record.quantizations) or "none"
+            raise FlowersError(f"{fmt} cannot be quantized to {kind!r} (offered: {offered})")
+        if fmt not in formats:
+            raise FlowersError(f"quantizing {fmt} needs {fmt} among the formats (--formats ...,{fmt})")
+        checked[fmt] = kind
+    return checked
+
+
+def check_request(run_dir: str | Path, formats: str | Iterable[str] | None,
+                  quantize: dict[str, str] | None = None) -> ExportRequest:
     """Everything a user typed, checked in a second: the run, the formats, their toolchains and
     the run's dtype policy. Imports no ML framework and creates nothing.
 
     Args:
         run_dir: the run to export.
-        formats: "keras,onnx", a list of names, or None for every registered format.
+        formats: "keras,onnx", a list of names, or None for the default set (default_formats).
+        quantize: {format: quantization}, e.g. {"tfjs": "float16"}.
 
     Raises:
         FlowersError: incomplete run, unknown format, missing toolchain, or a non-float32 run.
     """
     run_dir = runs.check_complete(run_dir)
-    names = parse_formats(registry.NAMES if formats is None else formats)
+    names = parse_formats(default_formats() if formats is None else formats)
+    quantize = parse_quantize(quantize, names)
     writers = plan_writers(names)
     experiment, run_config = runs.read_run_config(run_dir)
     policy = getattr(experiment.train, "dtype_policy", "float32")
@@ -133,11 +166,40 @@ def check_request(run_dir: str | Path, formats: str | Iterable[str] | None) -> E
         # between runtimes only holds in float32.
         raise FlowersError(f"{run_dir} was trained with train.dtype_policy={policy!r}; exports are "
                            "float32 only: train with train.dtype_policy=float32 to export")
-    return ExportRequest(run_dir, experiment, run_config, names, writers)
+    return ExportRequest(run_dir, experiment, run_config, names, writers, quantize)
+
+
+def prepare_toolchains(request: ExportRequest, step: Callable[[str], None]) -> ExportRequest:
+    """Install what the requested formats need outside flowers (first use only). A format whose
+    toolchain cannot be made (no Node.js, offline) is dropped with one line saying why; the other
+    formats are still written, and the manifest lists the dropped one under "skipped".
+
+    Raises:
+        FlowersError: nothing would be left to write.
+    """
+    skipped = {}
+    for fmt in request.formats:
+        toolchain = registry.get(fmt).toolchain
+        if toolchain is None:
+            continue
+        try:
+            problem = toolchain.problem()
+            if problem:
+                raise FlowersError(problem)
+            toolchain.prepare(step)
+        except FlowersError as exc:
+            skipped[fmt] = str(exc)
+            step(f"warning: {fmt} is not written: {exc}")
+    formats = [f for f in request.formats if f not in skipped]
+    if not formats:
+        raise FlowersError("; ".join(f"{fmt} cannot be written: {why}" for fmt, why in skipped.items()))
+    return dataclasses.replace(request, formats=formats, skipped=skipped,
+                               quantize={f: q for f, q in request.quantize.items() if f in formats})
 
 
 def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_root: Path,
-               on_step: Callable[[str], None] | None = None) -> Path:
+               on_step: Callable[[str], None] | None = None,
+               quantize: dict[str, str] | None = None) -> Path:
     """Export a complete run to `formats`, verify each in its runtime, publish exports/<exp>/v<N>.
 
     The request is checked first (check_request), before any framework loads; then this process
@@ -146,9 +208,10 @@ def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_roo
 
     Args:
         run_dir: a complete run directory (with model.keras).
-        formats: "keras,onnx", registered format names, or None for all of them.
+        formats: "keras,onnx", registered format names, or None for the default set.
         out_root: root of the versions (paths.exports_root()).
         on_step: called with a short line before each slow step (the CLI prints them).
+        quantize: {format: quantization} for formats that offer one ({"tfjs": "float16"}).
 
     Returns:
         The new version directory.
@@ -158,9 +221,10 @@ def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_roo
             a format that failed verification. Nothing is left in out_root then.
     """
     step = on_step or (lambda line: None)
-    request = check_request(run_dir, formats)
+    request = check_request(run_dir, formats, quantize)
     experiment = request.experiment
     files.check_writable(out_root / experiment.name, "--out")
+    request = prepare_toolchains(request, step)
     _use_tensorflow_on_cpu()
 
     step(f"loading verification images of {experiment.name} ({experiment.data.source})")
@@ -168,9 +232,7 @@ def export_run(run_dir: str | Path, formats: str | Iterable[str] | None, out_roo
     parent = out_root / experiment.name
     with files.staging_dir(parent) as staging:
         with tempfile.TemporaryDirectory(prefix="flowers-export-") as scratch:
-            results, write_info = _write_and_verify(
-                request.run_dir, request.run_config["backend"], request.formats, request.writers,
-                images, staging, Path(scratch), experiment.train.latency_repeats, step)
+            results, write_info = _write_and_verify(request, images, staging, Path(scratch), step)
         failed = [r for r in results if not r["passed"]]
         if failed:
             reference = results[0]["reference"]
@@ -271,32 +333,36 @@ def next_version(parent: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
-                      writers: dict[str, str], images: np.ndarray, staging: Path, scratch: Path,
-                      latency_repeats: int, step: Callable[[str], None]
+def _write_and_verify(request: ExportRequest, images: np.ndarray, staging: Path, scratch: Path,
+                      step: Callable[[str], None]
                       ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Write every format into staging and run each in its runtime; returns (results, write info).
 
     results[i]: format, runtime, reference, images, top1_agreement, max_abs_prob_diff,
-    batch1_p50_ms, passed. write info: format -> written_by, write_s.
+    batch1_p50_ms, limit, passed. write info: format -> written_by, write_s (and quantization).
     """
+    formats, writers = request.formats, request.writers
+    latency_repeats = request.experiment.train.latency_repeats
     installed = [name for name, version in backend.installed_versions().items() if version]
+    trained_backend = request.run_config["backend"]
     reference_backend = trained_backend if trained_backend in installed else "tensorflow"
     keras_backends = installed if SOURCE_FORMAT in formats else []
     worker_backends = list(dict.fromkeys([reference_backend, *keras_backends, *writers.values()]))
     write_info: dict[str, dict[str, Any]] = {}
     source_path = staging / registry.get(SOURCE_FORMAT).path
     if SOURCE_FORMAT in formats:
-        shutil.copyfile(run_dir / "model.keras", source_path)
+        shutil.copyfile(request.run_dir / "model.keras", source_path)
         write_info[SOURCE_FORMAT] = {"written_by": "copy of the run's model.keras", "write_s": 0.0}
         faults.point("export-copied")
-    model_path = source_path if SOURCE_FORMAT in formats else run_dir / "model.keras"
+    model_path = source_path if SOURCE_FORMAT in formats else request.run_dir / "model.keras"
     np.save(scratch / "images.npy", images)
+
+    def target(fmt: str) -> Path:  # a format asked for goes into the version, a source only to scratch
+        return (staging if fmt in formats else scratch) / registry.get(fmt).path
 
     keras_runs = {}
     for name in worker_backends:
-        writes = {fmt: str(staging / registry.get(fmt).path)
-                  for fmt, b in writers.items() if b == name}
+        writes = {fmt: str(target(fmt)) for fmt, b in writers.items() if b == name}
         step(f"keras under {name}: verification images" + "".join(f", write {f}" for f in writes))
         result, probabilities = _run_worker(name, model_path, writes, scratch, latency_repeats)
         keras_runs[name] = (result, probabilities)
@@ -305,14 +371,35 @@ def _write_and_verify(run_dir: Path, trained_backend: str, formats: list[str],
             written_by = (f"keras {host.package_version('keras')} {registry.get(fmt).written_with} "
                           f"under {name}")
             write_info[fmt] = {"written_by": written_by, "write_s": round(seconds, 2)}
+    write_info.update(_convert(request, target, step))
 
     reference_result, reference = keras_runs[reference_backend]
     measured = [(SOURCE_FORMAT, result["runtime"], probabilities, result["batch1_p50_ms"])
                 for name, (result, probabilities) in keras_runs.items() if name in keras_backends]
     measured += _run_in_runtimes([f for f in formats if f != SOURCE_FORMAT], staging, images,
                                  latency_repeats, step)
-    return [_compare(fmt, runtime, probabilities, p50, reference, reference_result["runtime"])
+    return [_compare(fmt, runtime, probabilities, p50, reference, reference_result["runtime"],
+                     registry.get(fmt).limit(request.quantize.get(fmt)))
             for fmt, runtime, probabilities, p50 in measured], write_info
+
+
+def _convert(request: ExportRequest, target: Callable[[str], Path], step: Callable[[str], None]
+             ) -> dict[str, dict[str, Any]]:
+    """Each converted format (TF.js) from its source format, by its tool: format -> write info."""
+    class_names = files.read_json(request.run_dir / "class_names.json")
+    info = {}
+    for fmt in request.formats:
+        record = registry.get(fmt)
+        if record.convert is None:
+            continue
+        quantize = request.quantize.get(fmt)
+        start = time.perf_counter()
+        written_by = record.convert(target(record.converted_from), target(fmt),
+                                    Conversion(class_names, quantize, step))
+        info[fmt] = {"written_by": written_by, "write_s": round(time.perf_counter() - start, 2),
+                     **({"quantization": quantize} if quantize else {})}
+        faults.point(f"export-converted:{fmt}")
+    return info
 
 
 def _run_in_runtimes(formats: list[str], staging: Path, images: np.ndarray, latency_repeats: int,
@@ -331,7 +418,7 @@ def _run_in_runtimes(formats: list[str], staging: Path, images: np.ndarray, late
 
 
 def _compare(fmt: str, runtime: str, probabilities: np.ndarray, p50: float, reference: np.ndarray,
-             reference_runtime: str) -> dict[str, Any]:
+             reference_runtime: str, limit: float) -> dict[str, Any]:
     """One runtime's result against the reference probabilities, within its format's tolerance."""
     agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
     max_diff = float(np.max(np.abs(probabilities - reference)))
@@ -339,7 +426,7 @@ def _compare(fmt: str, runtime: str, probabilities: np.ndarray, p50: float, refe
         "format": fmt, "runtime": runtime, "reference": reference_runtime,
         "images": len(reference), "top1_agreement": agreement, "max_abs_prob_diff": max_diff,
         "batch1_p50_ms": round(p50, 3),
-        "passed": agreement == 1.0 and max_diff <= registry.get(fmt).max_abs_prob_diff,
+        "limit": limit, "passed": agreement == 1.0 and max_diff <= limit,
     }
 
 
@@ -364,7 +451,7 @@ def _describe_failure(result: dict[str, Any]) -> str:
     differing = round((1 - result["top1_agreement"]) * result["images"])
     return (f"{result['format']} in {result['runtime']}: top-1 differs on {differing} of "
             f"{result['images']} images, max |Δprob| {result['max_abs_prob_diff']:.1e} "
-            f"(limit {registry.get(result['format']).max_abs_prob_diff:.0e})")
+            f"(limit {result['limit']:.0e})")
 
 
 def _manifest(record: ExportRecord) -> dict[str, Any]:
@@ -383,8 +470,19 @@ def _manifest(record: ExportRecord) -> dict[str, Any]:
         "verification": _verification(record),
         "git": host.git_state(),
         "packages": {"flowers": __version__, "python": platform.python_version(),
-                     **host.package_versions(PACKAGES)},
+                     **host.package_versions(PACKAGES), **_tool_versions(request.formats)},
+        **({"skipped": request.skipped} if request.skipped else {}),
     }
+
+
+def _tool_versions(formats: list[str]) -> dict[str, str]:
+    """Versions of what formats with a toolchain of their own used (TF.js: converter, node, tfjs)."""
+    versions = {}
+    for fmt in formats:
+        toolchain = registry.get(fmt).toolchain
+        if toolchain is not None:
+            versions.update(toolchain.versions())
+    return versions
 
 
 def _source(request: ExportRequest) -> dict[str, Any]:
@@ -452,13 +550,20 @@ def _verification(record: ExportRecord) -> dict[str, Any]:
         "reference": results[0]["reference"] if results else None,
         "device": "cpu",
         "criteria": {"top1_agreement": 1.0,
-                     "max_abs_prob_diff": registry.tolerance(record.request.formats)},
+                     "max_abs_prob_diff": _limits(record.request)},
         "latency_method": (f"predict() on 1 image: {record.request.experiment.train.latency_repeats}"
                            f" timed calls after {LATENCY_WARMUP_CALLS} untimed warm-up calls, p50;"
                            " numpy in and out"),
         "passed": all(r["passed"] for r in results),
         "results": results,
     }
+
+
+def _limits(request: ExportRequest) -> float | dict[str, float]:
+    """The tolerance every format was held to: one shared value, or format -> its own."""
+    limits = {fmt: registry.get(fmt).limit(request.quantize.get(fmt)) for fmt in request.formats}
+    shared = set(limits.values())
+    return shared.pop() if len(shared) == 1 else limits
 
 
 def _publish(staging: Path, parent: Path, manifest: dict[str, Any]) -> Path:

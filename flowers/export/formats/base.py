@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,6 +39,36 @@ class LoadedModel:
 Opener = Callable[[Path, str | None], LoadedModel]
 # write(model, path): writes a loaded keras.Model to path, in the process of the writer's backend.
 Write = Callable[[Any, Path], None]
+
+
+class Toolchain(Protocol):
+    """Programs a format needs that live outside flowers' environment (TF.js: a converter in its own
+    virtualenv, node packages), created on first use and reused."""
+
+    def problem(self) -> str | None:
+        """What flowers cannot fix itself (e.g. no Node.js), as one line, else None. Fast."""
+
+    def ready(self) -> bool:
+        """Everything is installed: the format can be written and run now."""
+
+    def prepare(self, step: Callable[[str], None]) -> None:
+        """Install what is missing (minutes, once); FlowersError with one line if it cannot."""
+
+    def versions(self) -> dict[str, str]:
+        """Versions for the manifest: tool or package name -> version."""
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What a converted format's convert() gets besides its source and target paths."""
+
+    class_names: list[str]
+    quantize: str | None  # one of the format's `quantizations`, or None for float32
+    step: Callable[[str], None]  # prints a line before a slow step
+
+
+# convert(source path, target path, conversion) -> "written_by" line for the manifest.
+Convert = Callable[[Path, Path, Conversion], str]
 
 
 @dataclass(frozen=True)
@@ -77,12 +107,37 @@ class ExportFormat:
     keras_backends: bool = False  # runs under a Keras backend the user picks (--backend)
     pads_batches: bool = False  # compiles or allocates per batch size: serve pads to a few sizes
     cpu_only: bool = False  # its runtime runs on the CPU whatever device the backend sees
+    # A format made from another one by a tool (TF.js from the SavedModel): the source format is
+    # written first (into scratch space when it was not asked for), then convert() runs in the
+    # exporting process.
+    converted_from: str = ""
+    convert: Convert | None = None
+    toolchain: Toolchain | None = None  # what it needs outside flowers' environment
+    optional: bool = False  # in the default set only when its toolchain is ready
+    quantizations: tuple[str, ...] = ()  # weight quantizations convert() offers ("float16")
+    quantized_max_abs_prob_diff: float = 0.0  # the tolerance of a quantized export
 
     def __post_init__(self) -> None:
         if bool(self.writers) != (self.write is not None):
             raise ValueError(f"export format {self.name!r}: writers and write go together")
         if bool(self.suffix) == bool(self.marker):
             raise ValueError(f"export format {self.name!r}: give a file suffix or a folder marker")
+        if bool(self.converted_from) != (self.convert is not None):
+            raise ValueError(f"export format {self.name!r}: converted_from and convert go together")
+        if self.quantizations and not self.quantized_max_abs_prob_diff:
+            raise ValueError(f"export format {self.name!r}: give the quantized tolerance")
+
+    def is_copied(self) -> bool:
+        """The source format: copied from the run, neither written nor converted."""
+        return not self.writers and not self.converted_from
+
+    def available_by_default(self) -> bool:
+        """In `flowers export`'s default set: always, or for an optional one, once it is ready."""
+        return not self.optional or (self.toolchain is not None and self.toolchain.ready())
+
+    def limit(self, quantize: str | None) -> float:
+        """The verification tolerance of an export written with this quantization (None: float32)."""
+        return self.quantized_max_abs_prob_diff if quantize else self.max_abs_prob_diff
 
     def recognizes(self, path: Path) -> bool:
         """Whether an existing path is a model of this format (by suffix, or by its marker file)."""
