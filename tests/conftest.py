@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -179,6 +180,33 @@ def learnable_runs(tmp_path_factory, learnable_experiments) -> dict[str, Path]:
     made = _once(tmp_path_factory, "learnable-runs", lambda runs: _train_each_backend(
         str(learnable_experiments["flowers12-custom"]), runs, "--set", f"train.epochs={LEARNABLE_EPOCHS}"))
     return {b: Path(run) for b, run in made.items()}
+
+
+def needs(what: str, found: bool) -> None:
+    """Skip the test, naming what is missing; under CI=true fail instead (.ci/run installs it)."""
+    if not found:
+        if _in_ci():
+            pytest.fail(f"{what} is missing under CI=true (.ci/run installs it)")
+        pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="session")
+def tfjs_tools(tmp_path_factory) -> dict:
+    """The TF.js converter's virtualenv and node packages, made once per machine (minutes, and the
+    package registries, the first time; flowers.toolenvs keeps them in the user's cache folder)."""
+    needs("Node.js with npm", bool(shutil.which("node") and shutil.which("npm")))
+
+    def make(folder):
+        done = python("""
+            import json
+            from flowers.export.formats import tfjs
+            tfjs.TOOLCHAIN.prepare(print)
+            print(json.dumps({"node_env": str(tfjs.NODE.folder())}))
+        """, timeout=2400)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return _once(tmp_path_factory, "tfjs-tools", make)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ format and verified; MobileNetV3Small on synthetic images under torch
 run directory exists.
 """
 
+import shutil
+
 import pytest
 
 from conftest import BACKENDS, flowers, one_line_error, read_json, run_dir_of
@@ -50,12 +52,18 @@ def test_a_custom_backbone_learns_the_generated_set(learnable_runs, backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["custom_run", "mobilenet_run"])
 def test_other_backbones_export_to_every_format_and_verify(run, request, tmp_path):
+    """A custom CNN, and MobileNetV3Small (hard-swish, depthwise convolutions, squeeze-excite), also
+    to TF.js where Node.js is (a plain clone without it checks the other four)."""
     run_dir = request.getfixturevalue(run)
-    version = run_dir_of(flowers("export", str(run_dir), "--out", str(tmp_path)))
+    formats = ["keras", "savedmodel", "onnx", "tflite"]
+    if run == "mobilenet_run" and shutil.which("node") and shutil.which("npm"):
+        request.getfixturevalue("tfjs_tools")
+        formats.append("tfjs")
+    version = run_dir_of(flowers("export", str(run_dir), "--formats", ",".join(formats), "--out",
+                                 str(tmp_path)))
     manifest = read_json(version / "manifest.json")
     assert manifest["verification"]["passed"] is True
-    assert {r["format"] for r in manifest["verification"]["results"]} == \
-        {"keras", "savedmodel", "onnx", "tflite"}
+    assert {r["format"] for r in manifest["verification"]["results"]} == set(formats)
     for result in manifest["verification"]["results"]:
         assert result["max_abs_prob_diff"] <= 1e-4 and result["top1_agreement"] == 1.0, result
 

@@ -83,6 +83,9 @@ def venv(tmp_path_factory) -> Path:
     shipped = {Path(n).name for n in names if n.startswith("flowers/_builtin/experiments/")}
     assert {p.name for p in (PROJECT_ROOT / "experiments").glob("*.toml")} <= shipped
     assert "custom_backbone.py" in shipped and not any("/runs/" in n for n in names)
+    tfjs = PROJECT_ROOT / "flowers" / "export" / "formats" / "_tfjs"  # TF.js' node side and demo
+    assert {f"flowers/export/formats/_tfjs/{p.relative_to(tfjs)}" for p in tfjs.rglob("*")
+            if p.is_file()} <= set(names)
 
     _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], cwd=root, timeout=60)
     python = root / "venv" / "bin" / "python"

@@ -78,7 +78,8 @@ def runtime_choices(version_dir: Path) -> list[str]:
             continue
         if record.keras_backends:
             names += [f"{fmt}-{name}" for name, version in backend.installed_versions().items() if version]
-        elif not runtimes.missing_modules(record.runtime_modules):
+        elif not runtimes.missing_modules(record.runtime_modules) and (
+                record.toolchain is None or record.toolchain.ready()):
             names.append(fmt)
     return names
 

@@ -51,7 +51,7 @@ def test_levels_and_sizes_round_trip():
 
 def test_bench_serve_runtimes_follow_the_serve_preference():
     assert runtime_names_help() == ["onnx", "savedmodel", "tflite", "keras-torch", "keras-tensorflow",
-                                    "keras-jax"]
+                                    "keras-jax", "tfjs"]
 
 
 def test_every_command_family_is_in_the_group():

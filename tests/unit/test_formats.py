@@ -28,8 +28,8 @@ def test_the_registry_holds_every_format_module_in_order():
     modules = sorted(p.stem for p in FORMATS_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
     assert sorted(REGISTRY) == modules
     # The order users have seen in --formats, manifests and results since the first export.
-    assert formats.NAMES == ("keras", "savedmodel", "onnx", "tflite")
-    assert formats.SERVE_PREFERENCE == ("onnx", "savedmodel", "tflite", "keras")
+    assert formats.NAMES == ("keras", "savedmodel", "onnx", "tflite", "tfjs")
+    assert formats.SERVE_PREFERENCE == ("onnx", "savedmodel", "tflite", "keras", "tfjs")
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
@@ -39,13 +39,16 @@ def test_every_record_is_complete(record: ExportFormat):
     for text in (record.title, record.purpose, record.path):
         assert text and text == text.strip() and "\n" not in text
     assert "/" not in record.path and record.path != runtimes.MANIFEST
-    assert record.runtime_modules and record.runtime_packages
+    # A runtime in Python names its modules and pip packages; one outside (node) says what it is.
+    assert bool(record.runtime_modules) == bool(record.runtime_packages) != bool(record.runs_in)
     assert all(m.isidentifier() for m in record.runtime_modules)
     assert all(p == p.lower() and "_" not in p for p in record.runtime_packages)  # pip spelling
     assert callable(record.opener)
     assert 0 < record.max_abs_prob_diff <= 1e-3
-    # Written formats name their writer and its API; the one without writers is copied.
-    assert bool(record.writers) == (record.write is not None) == bool(record.written_with)
+    # Written formats name their writer and its API, converted ones their tool; one is copied.
+    assert bool(record.writers) == (record.write is not None)
+    assert bool(record.written_with) == (not record.is_copied())
+    assert not (record.writers and record.converted_from)
     for writer in record.writers:
         assert writer.backend in ("torch", "tensorflow", "jax") and writer.modules
         assert writer.packages
@@ -60,7 +63,7 @@ def test_no_two_formats_share(field):
 def test_only_the_source_format_is_copied_and_runs_under_keras_backends():
     from flowers.export.run import SOURCE_FORMAT
 
-    assert [r.name for r in RECORDS if not r.writers] == [SOURCE_FORMAT]
+    assert [r.name for r in RECORDS if r.is_copied()] == [SOURCE_FORMAT]
     assert [r.name for r in RECORDS if r.keras_backends] == [SOURCE_FORMAT]
 
 
@@ -80,18 +83,18 @@ def test_formats_import_their_runtime_only_inside_functions(path: Path):
 def test_an_unknown_format_is_one_line_naming_the_known_ones():
     assert formats.get("onnx") is REGISTRY["onnx"]
     with pytest.raises(FlowersError) as error:
-        formats.get("tfjs")
-    assert str(error.value) == ("unknown export format 'tfjs'; known formats: "
-                                "keras, savedmodel, onnx, tflite")
+        formats.get("coreml")
+    assert str(error.value) == ("unknown export format 'coreml'; known formats: "
+                                "keras, savedmodel, onnx, tflite, tfjs")
 
 
 def test_format_lists_are_parsed_into_registry_order():
     assert formats.parse_names([" TFLite", "keras", "onnx", "keras", ""]) == ["keras", "onnx", "tflite"]
-    from flowers.export.run import parse_formats
+    from flowers.export.request import parse_formats
 
     assert parse_formats("onnx,savedmodel") == ["savedmodel", "onnx"]
     with pytest.raises(FlowersError, match=r"^unknown format 'pt'; choose from keras, savedmodel, "
-                                           r"onnx, tflite \(comma-separated\)$"):
+                                           r"onnx, tflite, tfjs \(comma-separated\)$"):
         parse_formats("onnx,pt")
     with pytest.raises(FlowersError, match="^no format given;"):
         parse_formats(" , ")
@@ -148,8 +151,9 @@ def test_an_unknown_model_path_lists_what_a_model_can_be(tmp_path):
         with pytest.raises(FlowersError) as error:
             runtimes.format_of(tmp_path / name)
         assert str(error.value) == (
-            f"{tmp_path / name}: unknown model type; expected a .keras, .onnx or .tflite file or a "
-            "SavedModel directory (one with saved_model.pb)")
+            f"{tmp_path / name}: unknown model type; expected a .keras, .onnx or .tflite file, a "
+            "SavedModel directory (one with saved_model.pb) or a TensorFlow.js directory (one with "
+            "model.json)")
 
 
 def test_tolerance_is_shared_or_per_format(monkeypatch):
@@ -171,7 +175,7 @@ def test_savedmodel_is_verified_through_both_signatures():
     from flowers.export.formats import savedmodel
 
     assert REGISTRY["savedmodel"].signatures == (savedmodel.FLOAT_SIGNATURE, savedmodel.UINT8_SIGNATURE)
-    assert [r.name for r in RECORDS if r.signatures] == ["savedmodel"]
+    assert [r.name for r in RECORDS if r.signatures] == ["savedmodel", "tfjs"]
 
 
 def test_onnx_is_written_by_torch_first_then_tensorflow():
@@ -193,6 +197,7 @@ def test_bench_serve_offers_the_version_s_formats_in_serving_preference(monkeypa
 
     for record in RECORDS:
         (tmp_path / record.path).write_bytes(b"")
+    monkeypatch.setattr(REGISTRY["tfjs"].toolchain, "ready", lambda: False)  # no node packages
     monkeypatch.setattr(backend, "installed_versions",
                         lambda: {"torch": "2", "tensorflow": None, "jax": "0.4"})
     monkeypatch.setattr(runtimes, "missing_modules", lambda modules: [])
@@ -201,17 +206,19 @@ def test_bench_serve_offers_the_version_s_formats_in_serving_preference(monkeypa
                         lambda modules: [m for m in modules if m == "onnxruntime"])
     (tmp_path / "model.tflite").unlink()
     assert bench.runtime_choices(tmp_path) == ["savedmodel", "keras-torch", "keras-jax"]
+    monkeypatch.setattr(REGISTRY["tfjs"].toolchain, "ready", lambda: True)
+    assert bench.runtime_choices(tmp_path)[-1] == "tfjs"
 
 
 def test_serve_names_the_registered_runtimes(tmp_path):
     from flowers.serve.settings import resolve_target
 
     with pytest.raises(FlowersError, match=r"^unknown runtime 'pytorch'; choose one of keras, "
-                                           r"savedmodel, onnx, tflite$"):
+                                           r"savedmodel, onnx, tflite, tfjs$"):
         resolve_target(tmp_path, "pytorch", None, "tensorflow")
     (tmp_path / runtimes.MANIFEST).write_text("{}")
     with pytest.raises(FlowersError, match=r"holds no model file \(model.keras, savedmodel, "
-                                           r"model.onnx, model.tflite\)$"):
+                                           r"model.onnx, model.tflite, tfjs\)$"):
         resolve_target(tmp_path, None, None, "tensorflow")
 
 
@@ -221,3 +228,86 @@ def test_the_formats_table_has_a_row_per_format():
     assert [row[0] for row in rows] == list(formats.NAMES)
     assert rows[0][2] == "copied from the run"
     assert dict((row[0], row[2]) for row in rows)["onnx"] == "torch (torch+onnx) or tensorflow (tf2onnx+onnx)"
+
+
+def _fused(name: str, inputs: list[str], ops: list[str], op: str = "_FusedConv2D") -> dict:
+    import base64
+
+    return {"name": name, "op": op, "input": inputs,
+            "attr": {"T": {"type": "DT_FLOAT"}, "strides": {"list": {"i": ["1", "1", "1", "1"]}},
+                     "num_args": {"i": "1"}, "epsilon": {"f": 0},
+                     "leakyrelu_alpha": {"f": 0.2},
+                     "fused_ops": {"list": {"s": [base64.b64encode(o.encode()).decode() for o in ops]}}}}
+
+
+def test_tfjs_model_json_is_made_runnable_on_the_wasm_backend():
+    """WASM's fused convolutions take a rank-1 bias only: a [1,1,1,C] constant is squeezed, any
+    other bias (a residual tensor, a rank-0 constant) is split into the ops the fused one computes."""
+    from flowers.export.formats.tfjs import for_every_backend
+
+    weights = [{"name": "b4", "shape": [1, 1, 1, 8], "dtype": "float32"},
+               {"name": "b1", "shape": [8], "dtype": "float32"},
+               {"name": "b0", "shape": [], "dtype": "float32"}]
+    nodes = [_fused("squeezed", ["x", "w", "b4"], ["BiasAdd", "Relu"]),
+             _fused("plain", ["x", "w", "b1"], ["BiasAdd"]),
+             _fused("residual", ["x", "w", "other/conv", "^control"], ["BiasAdd", "Relu"]),
+             _fused("scalar", ["x", "w", "b0"], ["BiasAdd"], op="FusedDepthwiseConv2dNative"),
+             _fused("leaky", ["x", "w", "other/conv"], ["BiasAdd", "LeakyRelu"]),
+             {"name": "other/conv", "op": "Conv2D", "input": ["x", "w"], "attr": {}}]
+    model = {"format": "graph-model", "modelTopology": {"node": nodes},
+             "weightsManifest": [{"paths": ["group1-shard1of1.bin"], "weights": weights}]}
+    fixed = for_every_backend(model)
+    assert [w["shape"] for w in fixed["weightsManifest"][0]["weights"]] == [[8], [8], []]
+    by_name = {n["name"]: n for n in fixed["modelTopology"]["node"]}
+    assert by_name["squeezed"] is nodes[0] and by_name["plain"] is nodes[1]  # already runnable
+    conv, add, relu = by_name["residual/flowers_conv"], by_name["residual/flowers_bias"], by_name["residual"]
+    assert (conv["op"], conv["input"]) == ("Conv2D", ["x", "w", "^control"])
+    assert "fused_ops" not in conv["attr"] and conv["attr"]["strides"] == nodes[2]["attr"]["strides"]
+    assert (add["op"], add["input"]) == ("AddV2", ["residual/flowers_conv", "other/conv"])
+    assert (relu["op"], relu["input"]) == ("Relu", ["residual/flowers_bias"])
+    assert by_name["scalar/flowers_conv"]["op"] == "DepthwiseConv2dNative"
+    assert (by_name["scalar"]["op"], by_name["scalar"]["input"]) == ("AddV2", ["scalar/flowers_conv", "b0"])
+    assert by_name["leaky"]["op"] == "LeakyRelu" and by_name["leaky"]["attr"]["alpha"] == {"f": 0.2}
+    assert model["modelTopology"]["node"] is nodes and len(nodes) == 6  # its node list is kept
+
+
+def test_tfjs_is_in_the_default_set_only_once_its_tools_are_ready(monkeypatch):
+    from flowers.export.request import default_formats
+
+    toolchain = REGISTRY["tfjs"].toolchain
+    monkeypatch.setattr(toolchain, "ready", lambda: False)
+    assert default_formats() == ["keras", "savedmodel", "onnx", "tflite"]
+    monkeypatch.setattr(toolchain, "ready", lambda: True)
+    assert default_formats() == list(formats.NAMES)
+
+
+def test_tfjs_quantization_is_checked_and_has_its_own_limit():
+    from flowers.export.request import parse_quantize
+
+    record = REGISTRY["tfjs"]
+    assert record.converted_from == "savedmodel" and record.limit(None) == 1e-4
+    assert record.limit("float16") == 1e-2
+    assert parse_quantize({"tfjs": "float16"}, ["keras", "tfjs"]) == {"tfjs": "float16"}
+    with pytest.raises(FlowersError, match=r"^tfjs cannot be quantized to 'int8' \(offered: float16\)$"):
+        parse_quantize({"tfjs": "int8"}, ["tfjs"])
+    with pytest.raises(FlowersError, match=r"^onnx cannot be quantized to 'float16' \(offered: none\)$"):
+        parse_quantize({"onnx": "float16"}, ["onnx"])
+    with pytest.raises(FlowersError, match="^quantizing tfjs needs tfjs among the formats"):
+        parse_quantize({"tfjs": "float16"}, ["keras"])
+
+
+def test_the_tfjs_tools_are_pinned_and_kept_in_the_tools_folder(monkeypatch, tmp_path):
+    import json
+
+    from flowers.export.formats import tfjs
+
+    monkeypatch.setenv("FLOWERS_TOOLS_DIR", str(tmp_path))
+    assert tfjs.CONVERTER.requirements == ("tensorflowjs==4.22.0", "ydf<0.16")
+    assert tfjs.CONVERTER.folder().parent == tmp_path == tfjs.NODE.folder().parent
+    assert not tfjs.TOOLCHAIN.ready()
+    package = json.loads((tfjs.SUPPORT / "package.json").read_text())
+    lock = json.loads((tfjs.SUPPORT / "package-lock.json").read_text())
+    for name in ("@tensorflow/tfjs", "@tensorflow/tfjs-backend-wasm"):
+        locked = lock["packages"][f"node_modules/{name}"]["version"]
+        assert package["dependencies"][name] == locked == "4.22.0"
+    assert tfjs.NODE.package_version("@tensorflow/tfjs") == tfjs.TFJS_VERSION

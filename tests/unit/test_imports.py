@@ -150,8 +150,8 @@ def test_a_registry_that_discovers_its_modules_depends_on_each():
 # The layers of docs/architecture.md, bottom-up: a module imports only from its own
 # layer or the ones below.
 LAYERS = [
-    ("foundations", {"paths", "processes", "host", "files", "metrics", "tables", "report_stats", "errors",
-                     "faults", "interrupt", "graph_memory"}),
+    ("foundations", {"paths", "processes", "toolenvs", "host", "files", "metrics", "tables",
+                     "report_stats", "errors", "faults", "interrupt", "graph_memory"}),
     ("settings, data", {"config", "backbones", "weights", "data", "folders", "images", "runs"}),
     ("backends", {"backend", "distribute", "workers"}),
     ("model", {"model", "fold", "randomness", "checkpoint"}),

@@ -4,17 +4,21 @@
     savedmodel  TensorFlow SavedModel folder (float32 and uint8 signatures), written under tensorflow
     onnx        model.onnx for onnxruntime, written under torch (else tensorflow + tf2onnx)
     tflite      model.tflite for the LiteRT interpreter, written under tensorflow
+    tfjs        TensorFlow.js graph model (+ a demo page), converted from the SavedModel by
+                tensorflowjs_converter in its own environment; run in node (CPU and WASM backends)
 
 `flowers export` (which formats exist, who writes them, how each is verified), the manifest (paths,
 purposes, package versions), `flowers predict` (which runtime opens a path), `flowers serve` (which
 format of a version to serve, whether to pad batches) and `flowers bench-serve` (which runtimes a
 version offers) all read REGISTRY; none of them names a format.
 
-Adding a format (TF.js is the next one):
+Adding a format (tfjs.py was the first one added this way):
   1. write flowers/export/formats/<name>.py defining FORMAT = ExportFormat(name="<name>", ...)
      (the fields are documented in base.py). Import its writer's and runtime's libraries inside
      write() and the opener, never at module level: the registry is read before a backend is chosen.
      Give it a free `order` (where it sits in lists) and `serve_rank` (lower is served first).
+     A format made from another one by a tool sets converted_from and convert (and, for tools
+     outside flowers' environment, a toolchain; see tfjs.py).
   2. add its test beside the others in tests/unit/test_formats.py (every record is checked there for
      complete fields, unique names and paths; add what is special about yours).
   3. list its writer's and runtime's pip packages in pyproject.toml's export extra.
@@ -109,7 +113,9 @@ def table() -> list[tuple[str, ...]]:
     rows = [("format", "path", "written by", "runs in", "max |Δprob|", "for")]
     for record in REGISTRY.values():
         writers = " or ".join(f"{w.backend} ({'+'.join(w.modules)})" for w in record.writers)
+        if record.converted_from:
+            writers = f"{record.written_with}, from {record.converted_from}"
         rows.append((record.name, record.path, writers or "copied from the run",
-                     ", ".join(record.runtime_packages), f"{record.max_abs_prob_diff:.0e}",
-                     record.purpose))
+                     ", ".join(record.runtime_packages) or record.runs_in,
+                     f"{record.max_abs_prob_diff:.0e}", record.purpose))
     return rows

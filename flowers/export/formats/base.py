@@ -116,6 +116,7 @@ class ExportFormat:
     optional: bool = False  # in the default set only when its toolchain is ready
     quantizations: tuple[str, ...] = ()  # weight quantizations convert() offers ("float16")
     quantized_max_abs_prob_diff: float = 0.0  # the tolerance of a quantized export
+    runs_in: str = ""  # what runs it, for a runtime outside Python (runtime_packages is then empty)
 
     def __post_init__(self) -> None:
         if bool(self.writers) != (self.write is not None):

@@ -248,4 +248,5 @@ FORMAT = ExportFormat(
     # float16 weights moved ResNet50's logits by up to 6e-3 (issue 36's trial)
     quantizations=("float16",), quantized_max_abs_prob_diff=1e-2,
     signatures=BACKENDS, cpu_only=True,
+    runs_in=f"node: @tensorflow/tfjs {TFJS_VERSION} (+ tfjs-backend-wasm)",
 )
