@@ -60,7 +60,9 @@ def test_runs_of_every_backend_convert_and_verify_on_cpu_and_wasm(tfjs_exports, 
     assert [r["runtime"].split()[2] for r in results] == ["wasm", "cpu"]
     for result in results:
         assert result["runtime"].startswith("tfjs 4.22.0 ") and "(node v" in result["runtime"]
-        assert result["images"] >= 32 and result["max_abs_prob_diff"] <= result["limit"], result
+        # the pure-JS CPU backend is verified on the first 8 images (11 s each at 224 px)
+        assert result["images"] == (64 if "wasm" in result["runtime"] else 8)
+        assert result["max_abs_prob_diff"] <= result["limit"], result
         # float16 weights may swap two classes within the limit of each other, nothing else
         swapped = result.get("near_ties_swapped", 0)
         assert result["top1_agreement"] == 1.0 - swapped / result["images"], result
@@ -88,19 +90,6 @@ def test_runs_of_every_backend_convert_and_verify_on_cpu_and_wasm(tfjs_exports, 
         assert "quantization" not in entry and all(r["limit"] == 1e-4 for r in results)
         assert "savedmodel" not in manifest["formats"]  # converted from a scratch SavedModel
         assert not (version / "savedmodel").exists()
-
-
-def test_predict_on_a_tfjs_folder_matches_the_keras_model(tfjs_exports, learnable_set):
-    photos = [str(p) for p in learnable_photos(learnable_set, 3)]
-    version = tfjs_exports["torch"]
-    tfjs = json.loads(flowers("predict", str(version / "tfjs"), *photos, "--json").stdout)
-    # the version holds TF.js only: the reference is its source run's model.keras
-    reference = json.loads(flowers("predict", str(_source_model(version)), *photos, "--json",
-                                   "--backend", "torch").stdout)
-    for ours, theirs in zip(tfjs, reference, strict=True):
-        assert [t["class"] for t in ours["top"]] == [t["class"] for t in theirs["top"]]
-        assert np.allclose([t["probability"] for t in ours["top"]],
-                           [t["probability"] for t in theirs["top"]], atol=1e-4)
 
 
 def _source_model(version: Path) -> Path:
@@ -140,12 +129,22 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_the_demo_page_classifies_a_photo_in_headless_chromium(tfjs_tools, tfjs_exports,
-                                                               learnable_set, tmp_path):
+def test_predict_and_the_demo_page_in_headless_chromium_match_the_keras_model(
+        tfjs_tools, tfjs_exports, learnable_set, tmp_path):
+    """`flowers predict` on the TF.js folder (node, WASM) gives the Keras model's top-5 within 1e-4;
+    the demo page, given one photo in headless Chromium, shows its top-1 (a screenshot is kept)."""
+    photos = [str(p) for p in learnable_photos(learnable_set, 3)]
+    version = tfjs_exports["jax"]
+    keras, tfjs = (json.loads(flowers("predict", *args, "--json").stdout) for args in (
+        [str(_source_model(version)), *photos, "--backend", "jax"], [str(version / "tfjs"), *photos]))
+    for ours, theirs in zip(tfjs, keras, strict=True):
+        assert [t["class"] for t in ours["top"]] == [t["class"] for t in theirs["top"]]
+        assert np.allclose([t["probability"] for t in ours["top"]],
+                           [t["probability"] for t in theirs["top"]], atol=1e-4)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     needs("Chromium", chromium is not None)
-    folder = tfjs_exports["jax"] / "tfjs"
-    photo = learnable_photos(learnable_set, 2)[1]
+    folder = version / "tfjs"
+    photo = photos[0]
     handler = lambda *a, **k: _Quiet(*a, directory=str(folder), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -162,29 +161,14 @@ def test_the_demo_page_classifies_a_photo_in_headless_chromium(tfjs_tools, tfjs_
     assert done.returncode == 0, done.stderr[-2000:]
     page = json.loads(done.stdout.strip().splitlines()[-1])
     assert page["backend"] == "wasm" and screenshot.stat().st_size > 10_000
-    (predicted,) = json.loads(flowers("predict", str(_source_model(tfjs_exports["jax"])), str(photo),
-                                      "--json", "--backend", "jax").stdout)
-    assert page["top"][0]["class"] == predicted["top"][0]["class"]
-    assert abs(page["top"][0]["probability"] - predicted["top"][0]["probability"]) <= 1e-3
+    assert page["top"][0]["class"] == keras[0]["top"][0]["class"]
+    assert abs(page["top"][0]["probability"] - keras[0]["top"][0]["probability"]) <= 1e-3
 
 
 def _support() -> Path:
     from flowers.export.formats import tfjs
 
     return tfjs.SUPPORT
-
-
-def test_without_node_the_other_formats_are_still_written(smoke_runs, tmp_path):
-    """No node or npm on the PATH: one warning line, the SavedModel is written and verified, and
-    the manifest says why TF.js is missing."""
-    result = flowers("export", str(smoke_runs["tensorflow"]), "--formats", "savedmodel,tfjs",
-                     "--out", str(tmp_path), env={"PATH": str(tmp_path / "no-tools")})
-    version = run_dir_of(result)
-    warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and "tfjs is not written: TF.js needs Node.js 18" in warnings[0]
-    manifest = read_json(version / "manifest.json")
-    assert list(manifest["formats"]) == ["savedmodel"] and manifest["verification"]["passed"]
-    assert "Node.js" in manifest["skipped"]["tfjs"]
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -40,8 +40,18 @@ def info() -> None:
         f"  runs        {paths.runs_root()} (FLOWERS_RUNS_DIR)",
         f"  exports     {paths.exports_root()} (FLOWERS_EXPORTS_DIR)",
         f"  reports     {paths.reports_root()} (FLOWERS_REPORTS_DIR)",
+        f"  tools       {paths.tools_dir()} (FLOWERS_TOOLS_DIR): {_tools()}",
         f"  tfds        {tfds_dir} (TFDS_DATA_DIR)",
         f"  weights     {weights_file} ({'cached' if weights_file.is_file() else 'not cached'})",
         f"  flowers12   {photos} ({'present' if photos.is_dir() else 'absent'}) (FLOWERS_PHOTOS)",
     ]
     click.echo("\n".join(lines))
+
+
+def _tools() -> str:
+    """What of the export formats' own tools (TF.js) is installed."""
+    from flowers.export import formats
+
+    with_tools = [r for r in formats.REGISTRY.values() if r.toolchain is not None]
+    return ", ".join(f"{r.name} {'ready' if r.toolchain.ready() else 'not installed (made on first use)'}"
+                     for r in with_tools) or "none needed"

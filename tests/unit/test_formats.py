@@ -311,3 +311,31 @@ def test_the_tfjs_tools_are_pinned_and_kept_in_the_tools_folder(monkeypatch, tmp
         locked = lock["packages"][f"node_modules/{name}"]["version"]
         assert package["dependencies"][name] == locked == "4.22.0"
     assert tfjs.NODE.package_version("@tensorflow/tfjs") == tfjs.TFJS_VERSION
+
+
+def test_a_format_whose_tools_cannot_be_made_is_left_out_with_one_line(monkeypatch, tmp_path):
+    """No Node.js (or an offline first use): TF.js is dropped with one warning line, the other
+    formats are still written and the manifest lists why ("skipped"); nothing else left: an error."""
+    from flowers.export.formats import tfjs
+    from flowers.export.request import ExportRequest, prepare_toolchains
+
+    monkeypatch.setattr(tfjs.TOOLCHAIN, "problem", lambda: "TF.js needs Node.js 18 or newer with npm, "
+                                                      "which are not installed")
+    request = ExportRequest(tmp_path, None, {}, ["savedmodel", "tfjs"], {"savedmodel": "tensorflow"},
+                            {"tfjs": "float16"})
+    lines = []
+    kept = prepare_toolchains(request, lines.append)
+    assert kept.formats == ["savedmodel"] and kept.quantize == {}
+    assert kept.skipped == {"tfjs": "TF.js needs Node.js 18 or newer with npm, which are not installed"}
+    assert lines == ["warning: tfjs is not written: TF.js needs Node.js 18 or newer with npm, which "
+                     "are not installed"]
+    with pytest.raises(FlowersError, match="^tfjs cannot be written: TF.js needs Node.js 18"):
+        prepare_toolchains(dataclasses.replace(request, formats=["tfjs"]), lines.append)
+
+    def offline(step):
+        raise FlowersError("cannot create the environment of the TF.js converter (pip failed)")
+
+    monkeypatch.setattr(tfjs.TOOLCHAIN, "problem", lambda: None)
+    monkeypatch.setattr(tfjs.TOOLCHAIN, "prepare", offline)
+    assert prepare_toolchains(request, lines.append).skipped == {
+        "tfjs": "cannot create the environment of the TF.js converter (pip failed)"}

@@ -104,6 +104,9 @@ class ExportFormat:
     write: Write | None = None  # writes it from a loaded keras.Model (None: copied)
     written_with: str = ""  # the Keras API that writes it, for the manifest's "written_by"
     signatures: tuple[str, ...] = ()  # entry points verification runs one by one; () for one
+    # signatures too slow for every verification image (tfjs' pure-JS CPU backend: ~11 s per 224 px
+    # ResNet50 image): verified on the first few only (flowers.export.run.SLOW_RUNTIME_IMAGES)
+    slow_signatures: tuple[str, ...] = ()
     keras_backends: bool = False  # runs under a Keras backend the user picks (--backend)
     pads_batches: bool = False  # compiles or allocates per batch size: serve pads to a few sizes
     cpu_only: bool = False  # its runtime runs on the CPU whatever device the backend sees
