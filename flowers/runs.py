@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,14 +65,19 @@ def lock(run_dir: Path) -> int:
 def kept(run_dir: Path) -> Iterator[None]:
     """Say so in one line when the block fails because run_dir was deleted while it ran.
 
-    Whatever write fails first (progress.json, a checkpoint, TensorBoard's events, in any library)
-    fails because its folder is gone; the run cannot be resumed, since its checkpoints went with it.
+    Whatever write or read fails first (progress.json, a checkpoint, TensorBoard's events, in any
+    library) fails because its folder is gone; the run cannot be resumed, since its checkpoints went
+    with it. A library may have made the folder again meanwhile (TensorBoard's writer creates its
+    log folder): a run folder without its config.json, the first file every run writes, was deleted
+    too, and what was made again in it is removed.
     """
     try:
         yield
     except Exception as exc:
-        if run_dir.is_dir():
+        if (run_dir / "config.json").is_file():
             raise
+        if run_dir.is_dir() and files.is_incomplete(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a library's leftovers, never a run
         detail = (str(exc).splitlines() or [""])[0][:200]
         raise FlowersError(f"the run directory {run_dir} was deleted while the run was writing to "
                            f"it ({type(exc).__name__}: {detail}); nothing was published and its "

@@ -110,7 +110,7 @@ def test_export_run_publishes_a_readable_version(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "_use_tensorflow_on_cpu", lambda: None)
     monkeypatch.setattr(export, "verification_images", lambda experiment: ([0] * 32, "fake"))
 
-    def write(run_dir, backend, formats, writers, images, staging, scratch, repeats, step):
+    def write(request, images, staging, scratch, step):
         (staging / "model.keras").write_text("model")
         return [{"passed": True, "reference": "keras"}], {}
 
