@@ -448,7 +448,8 @@ def _verification(record: ExportRecord) -> dict[str, Any]:
         "reference": results[0]["reference"] if results else None,
         "device": "cpu",
         "criteria": {"top1_agreement": 1.0,
-                     "max_abs_prob_diff": _limits(record.request),
+                     "max_abs_prob_diff": registry.tolerance(record.request.formats,
+                                                            record.request.quantize),
                      **({"quantized": "top-1 agreement is required where the reference's top-1 "
                                       "leads its runner-up by more than the format's limit"}
                         if record.request.quantize else {})},
@@ -458,13 +459,6 @@ def _verification(record: ExportRecord) -> dict[str, Any]:
         "passed": all(r["passed"] for r in results),
         "results": results,
     }
-
-
-def _limits(request: ExportRequest) -> float | dict[str, float]:
-    """The tolerance every format was held to: one shared value, or format -> its own."""
-    limits = {fmt: registry.get(fmt).limit(request.quantize.get(fmt)) for fmt in request.formats}
-    shared = set(limits.values())
-    return shared.pop() if len(shared) == 1 else limits
 
 
 def _publish(staging: Path, parent: Path, manifest: dict[str, Any]) -> Path:

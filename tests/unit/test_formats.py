@@ -161,6 +161,10 @@ def test_tolerance_is_shared_or_per_format(monkeypatch):
     monkeypatch.setitem(REGISTRY, "onnx", dataclasses.replace(REGISTRY["onnx"], max_abs_prob_diff=1e-3))
     assert formats.tolerance(["keras", "onnx"]) == {"keras": 1e-4, "onnx": 1e-3}
     assert formats.tolerance(["keras", "tflite"]) == 1e-4
+    # A quantized format is held to its quantized limit; the same format unquantized is not.
+    assert formats.tolerance(["keras", "tfjs"], {"tfjs": "float16"}) == {"keras": 1e-4, "tfjs": 1e-2}
+    assert formats.tolerance(["tfjs"], {"tfjs": "float16"}) == 1e-2
+    assert formats.tolerance(["keras", "tfjs"], {}) == 1e-4
 
 
 def test_a_record_must_be_written_or_copied_and_found_by_suffix_or_marker():

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from flowers.errors import FlowersError
 from flowers.export.formats.base import ExportFormat, LoadedModel, Writer
@@ -100,10 +100,13 @@ def packages(*, writers: bool) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def tolerance(names: Iterable[str]) -> float | dict[str, float]:
+def tolerance(names: Iterable[str], quantize: Mapping[str, str] | None = None
+              ) -> float | dict[str, float]:
     """The verification tolerance of these formats: the one they share, or name -> its own when
-    they differ (a manifest's "criteria")."""
-    limits = {name: get(name).max_abs_prob_diff for name in names}
+    they differ (a manifest's "criteria"). quantize: format -> its quantization ("float16"), for
+    the formats written quantized, which are held to their quantized limit (ExportFormat.limit)."""
+    quantize = quantize or {}
+    limits = {name: get(name).limit(quantize.get(name)) for name in names}
     shared = set(limits.values())
     return shared.pop() if len(shared) == 1 else limits
 
