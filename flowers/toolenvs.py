@@ -114,7 +114,8 @@ class NodeEnv:
                     f"{'is' if node is None and npm is None else 'are'} not installed "
                     "(https://nodejs.org, or your system's nodejs and npm packages)")
         version = node_version()
-        major = int(re.match(r"v?(\d+)", version).group(1)) if re.match(r"v?(\d+)", version) else 0
+        match = re.match(r"v?(\d+)", version)
+        major = int(match.group(1)) if match else 0  # "" (node gave no version): too old
         if major < self.min_node:
             return f"{self.what} needs Node.js {self.min_node} or newer; {node} is {version}"
         return None

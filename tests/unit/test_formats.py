@@ -317,6 +317,51 @@ def test_the_tfjs_tools_are_pinned_and_kept_in_the_tools_folder(monkeypatch, tmp
     assert tfjs.NODE.package_version("@tensorflow/tfjs") == tfjs.TFJS_VERSION
 
 
+def test_tfjs_conversion_asks_once_for_each_tool_it_uses(monkeypatch, tmp_path):
+    """prepare_toolchains already made the tools: convert_tfjs asks for the node packages and the
+    converter's python once each (both return at once when ready) and prepares nothing again."""
+    from flowers.export.formats import tfjs
+    from flowers.export.formats.base import Conversion
+
+    asked = []
+
+    class Tool:
+        def __init__(self, name):
+            self.name = name
+
+        def ensure(self, step):
+            asked.append(self.name)
+            return tmp_path / self.name
+
+        def python(self):
+            return tmp_path / self.name / "bin" / "python"
+
+    def stop(command, *args, **kwargs):
+        raise FlowersError(f"stopped before {command[0]}")
+
+    monkeypatch.setattr(tfjs, "NODE", Tool("node"))
+    monkeypatch.setattr(tfjs, "CONVERTER", Tool("converter"))
+    monkeypatch.setattr(tfjs.TOOLCHAIN, "prepare", lambda step: asked.append("prepare"))
+    monkeypatch.setattr(tfjs.processes, "run_tool", stop)
+    with pytest.raises(FlowersError, match=f"^stopped before {tmp_path / 'converter/bin/python'}$"):
+        tfjs.convert_tfjs(tmp_path / "savedmodel", tmp_path / "tfjs", Conversion([], None, print))
+    assert asked == ["node", "converter"]
+
+
+@pytest.mark.parametrize("version, problem", [
+    ("v20.20.2", None), ("21.0.0", None),
+    ("v16.3.0", "T needs Node.js 18 or newer; /bin/node is v16.3.0"),
+    ("", "T needs Node.js 18 or newer; /bin/node is "),
+])
+def test_node_older_than_the_minimum_or_without_a_version_is_a_problem(monkeypatch, tmp_path,
+                                                                        version, problem):
+    from flowers import toolenvs
+
+    monkeypatch.setattr(toolenvs.shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.setattr(toolenvs, "node_version", lambda: version)
+    assert toolenvs.NodeEnv("t", tmp_path, "T").problem() == problem
+
+
 def test_a_format_whose_tools_cannot_be_made_is_left_out_with_one_line(monkeypatch, tmp_path):
     """No Node.js (or an offline first use): TF.js is dropped with one warning line, the other
     formats are still written and the manifest lists why ("skipped"); nothing else left: an error."""

@@ -90,14 +90,17 @@ class TfjsToolchain:
 
 def convert_tfjs(source: Path, path: Path, conversion: Conversion) -> str:
     """SavedModel folder -> tfjs graph model folder with the demo page; the manifest's written_by."""
-    TOOLCHAIN.prepare(conversion.step)
+    # What this uses, asked for once each: prepare_toolchains made both before conversion, so each
+    # returns at once; a direct caller still gets them made (node first: it fails fast without node).
     node_env = NODE.ensure(conversion.step)
+    CONVERTER.ensure(conversion.step)
+    python = str(CONVERTER.python())
     quantize = ["--quantize_float16=*"] if conversion.quantize == "float16" else []
     conversion.step(f"converting the SavedModel to TF.js{' (float16 weights)' if quantize else ''}")
     env = {**processes.child_env(cpu_only=True), "TF_ENABLE_ONEDNN_OPTS": "0",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     script = "import sys; from tensorflowjs.converters.converter import convert; convert(sys.argv[1:])"
-    processes.run_tool([str(CONVERTER.python()), "-c", script, "--input_format=tf_saved_model",
+    processes.run_tool([python, "-c", script, "--input_format=tf_saved_model",
                         "--output_format=tfjs_graph_model", "--signature_name=serving_default",
                         "--saved_model_tags=serve", *quantize, str(source), str(path)],
                        CONVERT_TIMEOUT_S, env=env)
@@ -113,7 +116,7 @@ def convert_tfjs(source: Path, path: Path, conversion: Conversion) -> str:
     for package_path, name in VENDOR_FILES.items():
         shutil.copyfile(node_env / "node_modules" / package_path, path / name)
     tensorflow = processes.run_tool(
-        [str(CONVERTER.python()), "-c",
+        [python, "-c",
          "import importlib.metadata as m; print(m.version('tensorflow'))"], 120).strip()
     return (f"tensorflowjs_converter {TFJS_VERSION} (tensorflow {tensorflow}, its own environment) "
             f"from the SavedModel's serving_default, oneDNN rewrites off"
