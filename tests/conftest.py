@@ -15,6 +15,7 @@ read what it made (`_once`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -207,6 +209,56 @@ def tfjs_tools(tmp_path_factory) -> dict:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     return _once(tmp_path_factory, "tfjs-tools", make)
+
+
+@pytest.fixture(scope="session")
+def serve_clients(tmp_path_factory) -> Path:
+    """The python of a virtualenv holding pyproject's `serve-clients` extra (kserve, tritonclient,
+    Google's aiplatform): the clients' own pins clash with the server's stack (kserve holds
+    protobuf and psutil back), so they get their own environment, made once per machine with
+    flowers.toolenvs like the TF.js converter's (a minute, and the package index, the first time)."""
+    from importlib.metadata import requires
+
+    from flowers import toolenvs
+
+    pins = tuple(r.split(";")[0].strip() for r in requires("flowers") or []
+                 if re.search(r"""extra\s*==\s*["']serve-clients["']""", r))
+    assert pins, "pyproject.toml has no serve-clients extra"
+    env = toolenvs.PythonEnv("serve-clients", pins, "the serving clients")
+    _once(tmp_path_factory, "serve-clients", lambda folder: str(env.ensure(print)))
+    return env.python()
+
+
+@contextlib.contextmanager
+def served(*args: str, log: Path, wait: bool = True, env: dict | None = None,
+           start_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`flowers serve ARGS` on a free loopback port: (base URL, process); stopped on exit."""
+    from flowers.serve.bench import free_port, stop, wait_until_ready
+
+    port = free_port()
+    command = [sys.executable, "-m", "flowers.cli", "serve", *args, "--host", "127.0.0.1",
+               "--port", str(port)]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                                   env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if wait:
+            try:
+                wait_until_ready(url, process, start_timeout_s)
+            except Exception:
+                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        yield url, process
+    finally:
+        if process.poll() is None:
+            stop(process)
+
+
+@pytest.fixture(scope="session")
+def served_version(smoke_runs, tmp_path_factory) -> Path:
+    """The torch smoke run exported to ONNX (the default runtime of a version), for the servers."""
+    return Path(_once(tmp_path_factory, "served-version", lambda out: str(run_dir_of(
+        flowers("export", str(smoke_runs["torch"]), "--formats", "onnx", "--out", str(out))))))
 
 
 @pytest.fixture(scope="session")

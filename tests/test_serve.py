@@ -27,45 +27,21 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PROJECT_ROOT, flowers, learnable_photos, one_line_error, python, run_dir_of
-from flowers.serve.bench import free_port, stop, wait_until_ready
+from conftest import flowers, learnable_photos, one_line_error, python, served
+from flowers.serve.bench import free_port, stop
 
 START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def version(smoke_runs, tmp_path_factory) -> Path:
-    """The torch smoke run exported to ONNX (the default runtime of a version)."""
-    out = tmp_path_factory.mktemp("serve-exports")
-    return run_dir_of(flowers("export", str(smoke_runs["torch"]), "--formats", "onnx", "--out", str(out)))
+def version(served_version) -> Path:
+    return served_version
 
 
 @pytest.fixture(scope="module")
 def photos(learnable_set) -> list[Path]:
     return learnable_photos(learnable_set)
-
-
-@contextlib.contextmanager
-def served(*args: str, log: Path, wait: bool = True) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`flowers serve ARGS` on a free loopback port: (base URL, process); stopped on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "flowers.cli", "serve", *args, "--host", "127.0.0.1",
-               "--port", str(port)]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
-                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if wait:
-            try:
-                wait_until_ready(url, process, START_TIMEOUT_S)
-            except Exception:
-                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        yield url, process
-    finally:
-        if process.poll() is None:
-            stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +61,16 @@ def post(url: str, body, **kwargs) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(url, content=content, timeout=REQUEST_TIMEOUT_S,
                       headers={"Content-Type": "application/json"}, **kwargs)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The error's message: Google's {"error": {"code", "message", "status"}} on the Vertex AI routes,
+    TF Serving's and the Open Inference Protocol's {"error": "..."} elsewhere."""
+    error = response.json()["error"]
+    if isinstance(error, dict):
+        assert error["code"] == response.status_code and error["status"].isupper(), error
+        return error["message"]
+    return error
 
 
 def probabilities(prediction: dict) -> dict[str, float]:
@@ -130,6 +116,50 @@ def test_served_predictions_equal_flowers_predict_on_both_routes(server, version
                                                  "status": {"error_code": "OK", "error_message": ""}}
 
 
+def test_open_inference_protocol_answers_as_the_v1_routes_do(server, photos):
+    """JSON and binary tensors (Triton's extension, by hand), classification, metadata, errors."""
+    v1 = post(f"{server}/predict", {"instances": [b64(p) for p in photos], "parameters": {"top_k": 4}})
+    want = [probabilities(p) for p in v1.json()["predictions"]]
+    metadata = httpx.get(f"{server}/v2/models/smoke", timeout=REQUEST_TIMEOUT_S).json()
+    names = metadata["parameters"]["class_names"]
+    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(names)]}]
+
+    answer = post(f"{server}{V2}", {"id": "r1", "inputs": [photos_tensor([b64(p)["b64"] for p in photos])]})
+    assert answer.status_code == 200, answer.text
+    output = answer.json()["outputs"][0]
+    assert answer.json()["id"] == "r1" and output["shape"] == [len(photos), len(names)]
+    got = np.asarray(output["data"]).reshape(output["shape"])
+    for row, expected in zip(got, want, strict=True):
+        assert max(abs(row[names.index(c)] - p) for c, p in expected.items()) <= 1e-6
+
+    # Binary in and out: the JSON header, then each file as a 4-byte little-endian length and its bytes.
+    raw = b"".join(len(p.read_bytes()).to_bytes(4, "little") + p.read_bytes() for p in photos)
+    header = json.dumps({"inputs": [{"name": "photos", "datatype": "BYTES", "shape": [len(photos)],
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    answer = httpx.post(f"{server}{V2}", content=header + raw, timeout=REQUEST_TIMEOUT_S,
+                        headers={"Inference-Header-Content-Length": str(len(header))})
+    assert answer.status_code == 200, answer.text
+    length = int(answer.headers["Inference-Header-Content-Length"])
+    size = json.loads(answer.content[:length])["outputs"][0]["parameters"]["binary_data_size"]
+    assert size == len(answer.content) - length
+    assert np.array_equal(np.frombuffer(answer.content[length:], "<f4").reshape(got.shape),
+                          got.astype(np.float32))
+
+    ranked = post(f"{server}{V2}", {"inputs": [photos_tensor([b64(photos[0])["b64"]])], "outputs": [
+        {"name": "probabilities", "parameters": {"classification": 2}}]}).json()["outputs"][0]
+    best = np.argsort(-got[0])[:2]
+    assert ranked["shape"] == [1, 2] and [label.split(":")[1:] for label in ranked["data"]] == [
+        [str(i), names[i]] for i in best]
+
+    for headers, content, message in (
+            ({"Inference-Header-Content-Length": "999999"}, header + raw, "not a byte count"),
+            ({"Inference-Header-Content-Length": str(len(header))}, header + raw[:-1], "binary_data_size"),
+            ({"Content-Encoding": "gzip"}, header, "Content-Encoding gzip is not supported")):
+        bad = httpx.post(f"{server}{V2}", content=content, headers=headers, timeout=REQUEST_TIMEOUT_S)
+        assert bad.status_code in (400, 415) and message in bad.json()["error"], bad.text
+
+
 def test_concurrent_requests_are_batched(server, photos):
     before = metric_samples(server)
     body = json.dumps({"instances": [b64(photos[0])]}).encode()
@@ -155,6 +185,12 @@ def test_concurrent_requests_are_batched(server, photos):
 
 
 NOT_AN_IMAGE = base64.b64encode(b"just some text, not a JPEG").decode()
+V2 = "/v2/models/smoke/infer"
+
+
+def photos_tensor(data: list[str]) -> dict:
+    """An Open Inference Protocol input of encoded photos, base64 in JSON."""
+    return {"name": "photos", "datatype": "BYTES", "shape": [len(data)], "data": data}
 
 
 @pytest.mark.parametrize(("route", "body", "status", "message"), [
@@ -177,12 +213,30 @@ NOT_AN_IMAGE = base64.b64encode(b"just some text, not a JPEG").decode()
     ("/v1/models/roses:predict", {"instances": [[[[0, 0, 0]]]]}, 404, "model 'roses' not found"),
     ("/v1/models/smoke/versions/7:predict", {"instances": [[[[0, 0, 0]]]]}, 404, "no version '7'"),
     ("/nowhere", {"instances": []}, 404, "no route POST /nowhere"),
+    (V2, b"{not json", 400, "the request header is not JSON"),
+    (V2, {"inputs": []}, 400, '"inputs" must hold one input'),
+    (V2, {"inputs": [photos_tensor(["%%%"])]}, 400, "photos[0]: bad base64"),
+    (V2, {"inputs": [photos_tensor([NOT_AN_IMAGE])]}, 400, "photos[0]: cannot read the image"),
+    (V2, {"inputs": [photos_tensor([NOT_AN_IMAGE] * 9)]}, 400, "9 items; this server takes 1 to 8"),
+    (V2, {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [0, 0, 300]}]},
+     400, "images[0]: pixel values must be within 0..255"),
+    (V2, {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 11}]},
+     400, "11 values; shape [1, 2, 2, 3] needs 12"),
+    (V2, {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 2, 2], "data": [0] * 4}]},
+     400, "expected [N, H, W, 3]"),
+    (V2, {"inputs": [photos_tensor([NOT_AN_IMAGE])], "outputs": [{"name": "logits"}]}, 400,
+     '"outputs" may name one output, "probabilities"'),
+    (V2, {"inputs": [photos_tensor([NOT_AN_IMAGE])], "parameters": {"priority": 1}}, 400,
+     "unknown request parameter 'priority'"),
+    ("/v2/models/roses/infer", {"inputs": []}, 404, "model 'roses' not found"),
 ])
 def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(server, photos, route, body,
                                                                       status, message):
     response = post(f"{server}{route}", body)
     assert response.status_code == status, response.text
-    assert message in response.json()["error"]
+    assert message in error_message(response)
+    # Google's error shape on the Vertex AI route only; TF Serving's and v2's {"error": "..."} elsewhere.
+    assert isinstance(response.json()["error"], dict) == (route == "/predict"), response.text
     assert post(f"{server}/predict", {"instances": [b64(photos[0])]}).status_code == 200
 
 
@@ -197,14 +251,14 @@ def test_wrong_method_and_chunked_oversized_body(server):
         yield b'"}]}'
 
     response = httpx.post(f"{server}/predict", content=chunks(), timeout=REQUEST_TIMEOUT_S)
-    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    assert response.status_code == 413 and "over the limit" in error_message(response)
 
 
 def test_health_is_ready_only_after_the_warm_up(version, photos, tmp_path):
     # --max-batch 512 makes the warm-up run two batches of 512 images: a loading phase to observe.
     log = tmp_path / "server.log"
     with served(str(version), "--max-batch", "512", log=log, wait=False) as (url, process):
-        seen, loading_predict = [], None
+        seen, loading_predict, loading_v2 = [], None, None
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and process.poll() is None:
             try:
@@ -215,13 +269,23 @@ def test_health_is_ready_only_after_the_warm_up(version, photos, tmp_path):
             seen.append(response.status_code)
             if response.status_code == 200:
                 break
-            assert response.status_code == 503 and response.json() == {"error": "loading the model"}
+            assert response.status_code == 503 and response.json() == {"error": {
+                "code": 503, "message": "loading the model", "status": "UNAVAILABLE"}}
+            if loading_v2 is None:  # every protocol says the same while the model loads
+                routes = ("/v2/health/ready", "/v2/models/smoke/ready", "/v1/models/smoke", "/")
+                loading_v2 = [httpx.get(f"{url}{route}", timeout=5) for route in routes]
             if loading_predict is None:
                 loading_predict = post(f"{url}/predict", {"instances": [b64(photos[0])]})
             time.sleep(0.05)
         assert seen and seen[-1] == 200, (seen, log.read_text()[-2000:])
         assert 503 in seen, seen
-        assert loading_predict.status_code == 503 and "still loading" in loading_predict.json()["error"]
+        assert loading_predict.status_code == 503 and "still loading" in error_message(loading_predict)
+        v2_ready, v2_model_ready, v1_status, live = loading_v2
+        assert v2_ready.status_code == v2_model_ready.status_code == 503, v2_ready.text
+        assert "still loading" in v2_ready.json()["error"]
+        assert v1_status.json()["ready"] is False and v1_status.json()["model_version_status"][0][
+            "state"] == "LOADING"
+        assert live.json() == {"status": "alive"}  # alive while loading: liveness is not readiness
         health = httpx.get(f"{url}/health", timeout=5).json()
         assert health["status"] == "ready" and health["model"]["format"] == "onnx"
         assert health["model"]["warmup_s"] > 0
@@ -264,7 +328,7 @@ def test_overload_gets_503_with_retry_after_never_a_hang(version, photos, tmp_pa
         statuses = [r.status_code for r in responses]
         assert set(statuses) == {200, 503}, statuses
         refused = [r for r in responses if r.status_code == 503]
-        assert all(r.headers["Retry-After"] == "1" and "--max-queue" in r.json()["error"] for r in refused)
+        assert all(r.headers["Retry-After"] == "1" and "--max-queue" in error_message(r) for r in refused)
         assert post(f"{url}/predict", {"instances": [b64(photos[0])]}).status_code == 200
         assert metric_samples(url)["flowers_serve_requests_total{route=/predict,status=503}"] == len(refused)
 
@@ -300,15 +364,18 @@ def test_sigterm_answers_every_accepted_request_and_exits_0(version, photos, tmp
         httpx.get(f"{url}/health", timeout=5)
 
 
-def test_loadtest_writes_well_formed_figures(server, learnable_set, tmp_path):
+@pytest.mark.parametrize(("protocol", "route"), [
+    ("v1", "/predict"), ("v2", V2), ("v2-binary", V2)])  # v2: the model named by GET /v2/models
+def test_loadtest_writes_well_formed_figures(server, learnable_set, tmp_path, protocol, route):
     out = tmp_path / "loadtest.json"
     result = flowers("loadtest", server, "--concurrency", "1,4", "--requests", "12", "--duration-s", "60",
-                     "--images", str(learnable_set / "test"), "--out", str(out), timeout=300)
+                     "--images", str(learnable_set / "test"), "--out", str(out), "--protocol", protocol,
+                     timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].split() == ["concurrency", "requests", "errors", "requests/s",
                                                      "images/s", "p50", "ms", "p95", "ms", "p99", "ms"]
     figures = json.loads(out.read_text())
-    assert figures["url"] == f"{server}/predict" and figures["photos"] == 64
+    assert figures["url"] == f"{server}{route}" and figures["photos"] == 64
     assert "closed loop" in figures["method"]
     assert [level["concurrency"] for level in figures["levels"]] == [1, 4]
     for level in figures["levels"]:
@@ -322,6 +389,8 @@ def test_loadtest_writes_well_formed_figures(server, learnable_set, tmp_path):
     (["ftp://127.0.0.1/"], "not an http:// or https:// URL"),
     (["http://127.0.0.1:9", "--concurrency", "0"], "--concurrency levels must be 1..1024"),
     (["http://127.0.0.1:9", "--images", "/nonexistent"], "images folder not found"),
+    (["http://127.0.0.1:9", "--protocol", "v3"], "'v3' is not one of 'v1', 'v2', 'v2-binary'"),
+    (["http://127.0.0.1:9", "--protocol", "v2"], "cannot read the model name from http://127.0.0.1:9/v2/models"),
 ])
 def test_loadtest_rejects(args, message):
     assert message in one_line_error(flowers("loadtest", *args))

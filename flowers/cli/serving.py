@@ -11,7 +11,7 @@ from flowers import backend, files, paths
 from flowers.cli.options import DEFAULT_BACKEND, backend_option_for, default, levels_text, out_option
 from flowers.export import formats
 from flowers.serve.bench import BenchServeSettings
-from flowers.serve.loadtest import LoadSettings
+from flowers.serve.loadtest import PROTOCOLS, LoadSettings
 from flowers.serve.settings import DEFAULT_MAX_BODY_MB, ServeSettings
 
 
@@ -84,21 +84,27 @@ def serve(model: Path, runtime: str | None, backend_name: str | None, host: str 
 @click.option("--instances", type=int, default=default(LoadSettings, "instances"),
               show_default=True, help="Photos per request.")
 @click.option("--route", default=None,
-              help="Predict route (default: the URL's path, else /predict).")
+              help="Route to load (default: the URL's path, else the protocol's: /predict for v1, "
+                   "/v2/models/<the served model>/infer for v2).")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="v1", show_default=True,
+              help="Request bodies: v1 {\"instances\"} (Vertex AI, TF Serving, KServe v1); v2 the "
+                   "Open Inference Protocol with base64 JSON photos; v2-binary with raw photos in "
+                   "Triton's binary-data extension.")
 @click.option("--timeout-s", type=float, default=default(LoadSettings, "timeout_s"),
               show_default=True, help="Per request.")
 @click.option("--allow-remote", is_flag=True, help="Allow a host other than this machine.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON to this file.")
 def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, images: Path | None,
-             instances: int, route: str | None, timeout_s: float, allow_remote: bool,
+             instances: int, route: str | None, protocol: str, timeout_s: float, allow_remote: bool,
              out_file: Path | None) -> None:
     """Load-test a running server with real photos: requests/s, images/s, p50/p95/p99, errors."""
     from flowers.serve import loadtest as load
 
-    settings = load.LoadSettings(url=load.predict_url(url, route, allow_remote),
+    settings = load.LoadSettings(url=load.predict_url(url, route, allow_remote, protocol),
                                  concurrency=load.parse_levels(concurrency), requests=request_count,
-                                 duration_s=duration_s, instances=instances, timeout_s=timeout_s)
+                                 duration_s=duration_s, instances=instances, timeout_s=timeout_s,
+                                 protocol=protocol)
     photos = load.load_photos(paths.photos_dir(images))
     result = load.run_loadtest(settings, photos)
     if out_file:
@@ -125,10 +131,13 @@ def loadtest(url: str, concurrency: str, request_count: int, duration_s: float, 
               show_default=True)
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of JPEG/PNG photos (default: $FLOWERS_PHOTOS, else ../shared/data/flowers12).")
+@click.option("--protocols", default="v1", show_default=True, metavar="LIST",
+              help=f"Comma-separated among {', '.join(PROTOCOLS)}: the routes loaded, each in turn "
+                   "on the same server (see flowers loadtest --protocol).")
 @out_option
 def bench_serve(version_dir: Path, runtime_names: str | None, concurrency: str, request_count: int,
                 duration_s: float, max_batch: int, max_wait_ms: float, images: Path | None,
-                out: Path | None) -> None:
+                protocols: str, out: Path | None) -> None:
     """Every runtime of an export version behind the server, under load, with and without batching.
 
     Writes OUT/serve/<device>/serve.json and serve.md; the last line printed is the serve.md path.
@@ -140,7 +149,7 @@ def bench_serve(version_dir: Path, runtime_names: str | None, concurrency: str, 
         version_dir=str(version_dir), runtimes=serve_bench.parse_runtimes(version_dir, runtime_names),
         concurrency=load.parse_levels(concurrency), requests=request_count, duration_s=duration_s,
         max_batch=max_batch, max_wait_ms=max_wait_ms,
-        images=str(paths.photos_dir(images)))
+        images=str(paths.photos_dir(images)), protocols=load.parse_protocols(protocols))
     results, out_dir = serve_bench.run_bench_serve(settings, paths.reports_root(out),
                                                    progress=lambda line: click.echo(line, err=True))
     click.echo(serve_bench.markdown(results))

@@ -9,7 +9,9 @@ Method (written into serve.json beside the figures):
   timed calls; images/s = batch size / seconds per call.
 - Then `flowers serve VERSION --runtime R` in its own process on a free loopback port, started and
   waited for (/health 200), load-tested by `flowers loadtest`'s clients from this process (closed
-  loop, one concurrency level after another, b64 JPEG photos), then stopped with SIGTERM. Twice:
+  loop, one concurrency level after another, JPEG photos in each protocol of --protocols: v1
+  {"instances"} on /predict, v2 JSON or v2-binary on /v2/models/<name>/infer), then stopped with
+  SIGTERM. Twice:
   with --max-batch N and with --max-batch 1 (no batching), which shows what batching buys.
 - Serving overhead ratio = served images/s / in-process images/s at batch min(concurrency, N).
   The clients share the CPU with the server, so on a small machine the ratio also carries their cost.
@@ -47,7 +49,7 @@ INPROCESS_REPEATS = 10
 INPROCESS_PHOTOS = 32
 STARTUP_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 90
-ROW_HEADER = ("runtime", "max batch", "concurrency", "requests/s", "images/s", "p50 ms", "p95 ms",
+ROW_HEADER = ("runtime", "protocol", "max batch", "concurrency", "requests/s", "images/s", "p50 ms", "p95 ms",
               "p99 ms", "errors", "mean batch", "in-process images/s (batch)", "overhead ratio")
 # Distributions whose versions serve.json records: the backends', every format's runtime
 # (flowers.export.formats), the server's.
@@ -66,6 +68,7 @@ class BenchServeSettings:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     images: str = ""
+    protocols: tuple[str, ...] = ("v1",)  # flowers.serve.loadtest.PROTOCOLS
 
 
 def runtime_choices(version_dir: Path) -> list[str]:
@@ -121,21 +124,9 @@ def run_bench_serve(settings: BenchServeSettings, out_root: Path,
         for max_batch in dict.fromkeys((settings.max_batch, 1)):
             progress(f"{runtime}: serving with --max-batch {max_batch}")
             with running_server(version_dir, fmt, keras_backend, max_batch, settings.max_wait_ms) as url:
-                for level in settings.concurrency:
-                    before = _batch_totals(url)
-                    result = loadtest.run_loadtest(loadtest.LoadSettings(
-                        url=f"{url}/predict", concurrency=(level,), requests=settings.requests,
-                        duration_s=settings.duration_s), photos)["levels"][0]
-                    after = _batch_totals(url)
-                    batch = min(level, max_batch)
-                    reference = in_process[runtime]["images_per_s"][str(batch)]
-                    calls = after[0] - before[0]
-                    rows.append({"runtime": runtime, "max_batch": max_batch, **result,
-                                 "mean_batch": (after[1] - before[1]) / calls if calls else None,
-                                 "in_process_batch": batch, "in_process_images_per_s": reference,
-                                 "overhead_ratio": result["images_per_s"] / reference})
-                    progress(f"  concurrency {level}: {result['images_per_s']:.1f} images/s, "
-                             f"p50 {result['latency_p50_ms'] or 0:.1f} ms, {result['errors']} errors")
+                for protocol in settings.protocols:
+                    rows += _load_levels(settings, url, protocol, runtime, max_batch, photos,
+                                         in_process[runtime], progress)
     machine = host.host_info()
     gpus = host.nvidia_gpus()
     results = {
@@ -151,6 +142,30 @@ def run_bench_serve(settings: BenchServeSettings, out_root: Path,
     files.write_files(out_dir, {"serve.json": json.dumps(results, indent=2) + "\n",
                                 "serve.md": markdown(results)})
     return results, out_dir
+
+
+def _load_levels(settings: BenchServeSettings, url: str, protocol: str, runtime: str,
+                 max_batch: int, photos: list[str], in_process: dict[str, Any],
+                 progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One row per concurrency level: a running server loaded through one protocol's route."""
+    target = loadtest.predict_url(url, None, allow_remote=False, protocol=protocol)
+    rows = []
+    for level in settings.concurrency:
+        before = _batch_totals(url)
+        result = loadtest.run_loadtest(loadtest.LoadSettings(
+            url=target, concurrency=(level,), requests=settings.requests,
+            duration_s=settings.duration_s, protocol=protocol), photos)["levels"][0]
+        after = _batch_totals(url)
+        batch = min(level, max_batch)
+        reference = in_process["images_per_s"][str(batch)]
+        calls = after[0] - before[0]
+        rows.append({"runtime": runtime, "protocol": protocol, "max_batch": max_batch, **result,
+                     "mean_batch": (after[1] - before[1]) / calls if calls else None,
+                     "in_process_batch": batch, "in_process_images_per_s": reference,
+                     "overhead_ratio": result["images_per_s"] / reference})
+        progress(f"  {protocol}, concurrency {level}: {result['images_per_s']:.1f} images/s, "
+                 f"p50 {result['latency_p50_ms'] or 0:.1f} ms, {result['errors']} errors")
+    return rows
 
 
 def evaluate_goals(rows: list[dict[str, Any]], max_batch: int) -> list[dict[str, Any]]:
@@ -184,11 +199,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['duration_s']:g} s each, 1 photo per request; --max-wait-ms {s['max_wait_ms']:g}.",
         "",
         markdown_table(ROW_HEADER, ([
-            r["runtime"], r["max_batch"], r["concurrency"], f"{r['requests_per_s']:.1f}",
+            r["runtime"], r.get("protocol", "v1"), r["max_batch"], r["concurrency"],
+            f"{r['requests_per_s']:.1f}",
             f"{r['images_per_s']:.1f}", _num(r["latency_p50_ms"]), _num(r["latency_p95_ms"]),
             _num(r["latency_p99_ms"]), r["errors"], _num(r["mean_batch"], "{:.1f}"),
             f"{r['in_process_images_per_s']:.1f} ({r['in_process_batch']})",
-            f"{r['overhead_ratio']:.2f}"] for r in results["rows"]), align="l" + "r" * 11),
+            f"{r['overhead_ratio']:.2f}"] for r in results["rows"]), align="ll" + "r" * 11),
     ]
     gains = batching_gains(results["rows"], s["max_batch"])
     if gains:
@@ -208,15 +224,21 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def batching_gains(rows: list[dict[str, Any]], max_batch: int) -> dict[str, dict[int, float]]:
-    """runtime -> concurrency -> images/s with max_batch / images/s with max batch 1."""
-    unbatched = {(r["runtime"], r["concurrency"]): r["images_per_s"] for r in rows if r["max_batch"] == 1}
+    """runtime (and protocol, when several) -> concurrency -> images/s with max_batch / images/s
+    with max batch 1."""
+    several = len({r.get("protocol", "v1") for r in rows}) > 1
+
+    def name(r: dict[str, Any]) -> str:
+        return f"{r['runtime']} {r.get('protocol', 'v1')}" if several else r["runtime"]
+
+    unbatched = {(name(r), r["concurrency"]): r["images_per_s"] for r in rows if r["max_batch"] == 1}
     gains: dict[str, dict[int, float]] = {}
     if max_batch == 1:
         return gains
     for r in rows:
-        base = unbatched.get((r["runtime"], r["concurrency"]))
+        base = unbatched.get((name(r), r["concurrency"]))
         if r["max_batch"] == max_batch and base:
-            gains.setdefault(r["runtime"], {})[r["concurrency"]] = r["images_per_s"] / base
+            gains.setdefault(name(r), {})[r["concurrency"]] = r["images_per_s"] / base
     return gains
 
 

@@ -2,11 +2,14 @@
 
 Method (written into the result beside the figures): at each level, `concurrency` clients each send
 a request, wait for its answer and send the next (a closed loop: the offered load adapts to the
-server, as real synchronous callers do). Each request carries `instances` real photos as base64 JPEG
-(the files' own bytes, rotated through the photo set). A level first sends `concurrency` untimed
-warm-up requests, then runs until `requests` answers or `duration_s` seconds, whichever comes first.
-Latency is client-side: request sent to answer read, successful requests only. requests/s counts
-every answer, images/s only successful ones.
+server, as real synchronous callers do). Each request carries `instances` real photos (the files'
+own bytes, rotated through the photo set) in the chosen protocol: v1 {"instances": [{"b64": ...}]},
+v2 the Open Inference Protocol's BYTES input "photos" as base64 JSON strings, v2-binary the same
+input as raw bytes with Triton's binary-data extension (and binary outputs, tritonclient's
+default). A level first sends `concurrency` untimed warm-up requests, then runs until `requests`
+answers or `duration_s` seconds, whichever comes first. Latency is client-side: request sent to
+answer read, successful requests only. requests/s counts every answer, images/s only successful
+ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flowers.errors import FlowersError
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MAX_PHOTOS = 64
 DEFAULT_ROUTE = "/predict"
+PROTOCOLS = ("v1", "v2", "v2-binary")
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,11 @@ class LoadSettings:
     duration_s: float = 60.0  # per level
     instances: int = 1  # photos per request
     timeout_s: float = 30.0  # per request
+    protocol: str = "v1"  # the body: one of PROTOCOLS
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise FlowersError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 1024:
             raise FlowersError(f"--concurrency levels must be 1..1024, not {list(self.concurrency)}")
         for name, value in (("--requests", self.requests), ("--instances", self.instances)):
@@ -64,11 +71,23 @@ def parse_levels(text: str) -> tuple[int, ...]:
     return levels
 
 
-def predict_url(url: str, route: str | None, allow_remote: bool) -> str:
-    """The predict URL from a server URL (its path, else `route`, else /predict).
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """"v1,v2" -> ("v1", "v2"), each one of PROTOCOLS."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in PROTOCOLS]
+    if unknown or not names:
+        raise FlowersError(f"--protocols takes a comma-separated list of {', '.join(PROTOCOLS)}, "
+                           f"not {text!r}")
+    return names
+
+
+def predict_url(url: str, route: str | None, allow_remote: bool, protocol: str = "v1") -> str:
+    """The URL to load: `route`, else the URL's path, else the protocol's route (v1: /predict;
+    v2: /v2/models/<the model>/infer, the model named by the server's GET /v2/models).
 
     Raises:
-        FlowersError: not an http(s) URL, or a host that is not this machine without allow_remote.
+        FlowersError: not an http(s) URL, a host that is not this machine without allow_remote, or a
+            v2 server that does not say its model.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -76,8 +95,52 @@ def predict_url(url: str, route: str | None, allow_remote: bool) -> str:
     if not allow_remote and not _is_loopback(parts.hostname):
         raise FlowersError(f"{parts.hostname} is not this machine; a load test sends thousands of "
                            "requests, so other hosts need --allow-remote")
-    path = route or (parts.path if parts.path not in ("", "/") else DEFAULT_ROUTE)
-    return f"{parts.scheme}://{parts.netloc}{path if path.startswith('/') else '/' + path}"
+    base = f"{parts.scheme}://{parts.netloc}"
+    path = route or (parts.path if parts.path not in ("", "/") else None)
+    if path is None:
+        path = DEFAULT_ROUTE if protocol == "v1" else f"/v2/models/{_served_model(base)}/infer"
+    return f"{base}{path if path.startswith('/') else '/' + path}"
+
+
+def _served_model(base: str) -> str:
+    """The one model a v2 server lists at GET /v2/models (KServe's and flowers' model list)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base}/v2/models", timeout=10) as response:
+            models = json.loads(response.read()).get("models")
+    except (urllib.error.URLError, OSError, ValueError, AttributeError) as exc:
+        raise FlowersError(f"cannot read the model name from {base}/v2/models ({exc}); give the "
+                           "infer URL, e.g. http://127.0.0.1:8080/v2/models/<name>/infer") from None
+    if not isinstance(models, list) or len(models) != 1 or not isinstance(models[0], str):
+        raise FlowersError(f"{base}/v2/models lists {models!r}, not one model; give the infer URL")
+    return models[0]
+
+
+def request_bodies(protocol: str, photos: Sequence[str], instances: int) -> list[tuple[bytes, dict]]:
+    """(body, headers) of each request: `instances` photos each, rotated through the set."""
+    from flowers.serve import oip_codec
+
+    bodies = []
+    for first in range(len(photos)):
+        chosen = [photos[(first + k) % len(photos)] for k in range(instances)]
+        if protocol == "v1":
+            content = {"instances": [{"b64": photo} for photo in chosen]}
+        elif protocol == "v2":
+            content = {"inputs": [{"name": oip_codec.PHOTOS, "datatype": "BYTES",
+                                   "shape": [instances], "data": chosen}]}
+        else:
+            raw = oip_codec.serialize_bytes([base64.b64decode(photo) for photo in chosen])
+            header = json.dumps({"inputs": [{"name": oip_codec.PHOTOS, "datatype": "BYTES",
+                                             "shape": [instances],
+                                             "parameters": {"binary_data_size": len(raw)}}],
+                                 "parameters": {"binary_data_output": True}}).encode()
+            bodies.append((header + raw, {"Content-Type": "application/octet-stream",
+                                          oip_codec.HEADER_LENGTH: str(len(header))}))
+            continue
+        bodies.append((json.dumps(content).encode(), {"Content-Type": "application/json"}))
+    return bodies
 
 
 def load_photos(folder: Path, limit: int = MAX_PHOTOS) -> list[str]:
@@ -92,9 +155,7 @@ def load_photos(folder: Path, limit: int = MAX_PHOTOS) -> list[str]:
 
 def run_loadtest(settings: LoadSettings, photos: Sequence[str]) -> dict[str, Any]:
     """Every concurrency level in turn; returns {"url", "settings", "method", "levels": [...]}."""
-    bodies = [json.dumps({"instances": [{"b64": photos[(i + k) % len(photos)]}
-                                        for k in range(settings.instances)]}).encode()
-              for i in range(len(photos))]
+    bodies = request_bodies(settings.protocol, photos, settings.instances)
     levels = [asyncio.run(_level(settings, bodies, c)) for c in settings.concurrency]
     return {"url": settings.url, "settings": asdict(settings), "photos": len(photos),
             "method": __doc__.split("Method (written into the result beside the figures): ")[1].strip(),
@@ -122,17 +183,18 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-async def _level(settings: LoadSettings, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
+async def _level(settings: LoadSettings, bodies: list[tuple[bytes, dict]],
+                 concurrency: int) -> dict[str, Any]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Content-Type": "application/json"}
     latencies_ms: list[float] = []
     errors: Counter[str] = Counter()
     sent = 0
 
-    async def one(session: aiohttp.ClientSession, body: bytes, record: bool) -> None:
+    async def one(session: aiohttp.ClientSession, request: tuple[bytes, dict], record: bool) -> None:
+        body, headers = request
         start = time.perf_counter()
         try:
             async with session.post(settings.url, data=body, headers=headers) as response:

@@ -87,17 +87,38 @@ def _decode_instance(instance: Any, index: int, image_size: int) -> np.ndarray:
     if isinstance(instance, dict):
         if set(instance) != {"b64"} or not isinstance(instance["b64"], str):
             raise ClientError(400, f"instance {index}: {INSTANCE_FORMS}")
-        try:
-            encoded = base64.b64decode(instance["b64"], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ClientError(400, f"instance {index}: bad base64 ({exc})") from None
-        try:
-            return images.decode_and_resize(encoded, image_size)
-        except ValueError as exc:
-            raise ClientError(400, f"instance {index}: cannot read the image: {exc}") from None
+        return decode_photo(from_base64(instance["b64"], f"instance {index}"), f"instance {index}",
+                            image_size)
     if isinstance(instance, list):
-        return images.resize_image(_pixels(instance, index), image_size).numpy()
+        return resize_pixels(_pixels(instance, index), f"instance {index}", image_size)
     raise ClientError(400, f"instance {index}: {INSTANCE_FORMS}")
+
+
+def from_base64(text: str, what: str) -> bytes:
+    """Strict base64 (no stray characters) -> bytes; `what` names the input in the error."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ClientError(400, f"{what}: bad base64 ({exc})") from None
+
+
+def decode_photo(encoded: bytes, what: str, image_size: int) -> np.ndarray:
+    """An encoded JPEG/PNG/... file -> uint8 [S, S, 3], as `flowers predict` reads it (every protocol)."""
+    try:
+        return images.decode_and_resize(encoded, image_size)
+    except ValueError as exc:
+        raise ClientError(400, f"{what}: cannot read the image: {exc}") from None
+
+
+def resize_pixels(pixels: np.ndarray, what: str, image_size: int) -> np.ndarray:
+    """RGB pixels [H, W, 3] of any numeric type -> uint8 [S, S, 3], as training resizes them.
+
+    Raises:
+        ClientError: 400 for values outside 0..255 (or NaN).
+    """
+    if not np.all(np.isfinite(pixels)) or pixels.min() < 0 or pixels.max() > 255:
+        raise ClientError(400, f"{what}: pixel values must be within 0..255")
+    return images.resize_image(pixels, image_size).numpy()
 
 
 def _pixels(instance: list, index: int) -> np.ndarray:
@@ -109,8 +130,6 @@ def _pixels(instance: list, index: int) -> np.ndarray:
     if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
         raise ClientError(400, f"instance {index}: pixel array of shape {list(pixels.shape)}; "
                                "expected [H, W, 3] (RGB)")
-    if not np.all(np.isfinite(pixels)) or pixels.min() < 0 or pixels.max() > 255:
-        raise ClientError(400, f"instance {index}: pixel values must be within 0..255")
     return pixels
 
 
@@ -123,8 +142,18 @@ def _top_k(parameters: Any) -> int:
     if unknown:
         raise ClientError(400, f"unknown parameter {unknown[0]!r}; known: "
                                f"{', '.join(sorted(KNOWN_PARAMETERS))}")
-    top_k = parameters.get("top_k", DEFAULT_TOP_K)
-    # bool is an int in Python; {"top_k": true} is a mistake, not 1.
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ClientError(400, f"top_k must be a whole number of at least 1, not {top_k!r}")
-    return top_k
+    return whole_number(parameters.get("top_k", DEFAULT_TOP_K), "top_k")
+
+
+def whole_number(value: Any, name: str) -> int:
+    """A parameter that must be a whole number >= 1. An integral double (2.0) counts: Google's
+    clients send every number as a protobuf Struct double; {"top_k": true} is a mistake, not 1.
+
+    Raises:
+        ClientError: 400 naming the parameter and the value.
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ClientError(400, f"{name} must be a whole number of at least 1, not {value!r}")
+    return value

@@ -69,9 +69,10 @@ class ServeSettings:
                 raise FlowersError(message)
         for option, route in (("health", self.health_route), ("predict", self.predict_route)):
             # Vertex AI's own default routes are /v1/endpoints/<id>/deployedModels/<id>[:predict].
-            if not route.startswith("/") or route.startswith("/v1/models/") or route == "/metrics":
-                raise FlowersError(f"the {option} route must start with / and not clash with "
-                                   f"/v1/models/ or /metrics, not {route!r}")
+            if (not route.startswith("/") or route in ("/", "/metrics", "/v2")
+                    or route.startswith(("/v1/models/", "/v2/"))):
+                raise FlowersError(f"the {option} route must start with / and not clash with /, "
+                                   f"/v1/models/, /v2 or /metrics, not {route!r}")
         if self.health_route == self.predict_route:
             raise FlowersError(f"the health and predict routes are both {self.health_route!r}")
 

@@ -18,6 +18,8 @@ def test_a_valid_body_gives_its_instances_and_top_k():
     request = parse_body(body(instances=[{"b64": "x"}], parameters={"top_k": 2}, signature_name="s"), 8)
     assert request.instances == [{"b64": "x"}] and request.top_k == 2
     assert parse_body(body(instances=[[1]]), 8).top_k == DEFAULT_TOP_K
+    # Google's clients send every number as a double (a protobuf Struct): 2.0 is 2.
+    assert parse_body(body(instances=[[1]], parameters={"top_k": 2.0}), 8).top_k == 2
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -32,6 +34,7 @@ def test_a_valid_body_gives_its_instances_and_top_k():
     (body(instances=[1], parameters={"k": 1}), "unknown parameter 'k'"),
     (body(instances=[1], parameters={"top_k": True}), "top_k must be a whole number"),
     (body(instances=[1], parameters={"top_k": 0}), "top_k must be a whole number"),
+    (body(instances=[1], parameters={"top_k": 2.5}), "top_k must be a whole number of at least 1, not 2.5"),
 ])
 def test_each_mistake_is_a_400_that_names_it(raw, message):
     with pytest.raises(ClientError) as error:
