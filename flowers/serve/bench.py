@@ -11,8 +11,8 @@ Method (written into serve.json beside the figures):
   waited for (/health 200), load-tested by `flowers loadtest`'s clients from this process (closed
   loop, one concurrency level after another, JPEG photos in each protocol of --protocols: v1
   {"instances"} on /predict, v2 JSON or v2-binary on /v2/models/<name>/infer), then stopped with
-  SIGTERM. Twice:
-  with --max-batch N and with --max-batch 1 (no batching), which shows what batching buys.
+  SIGTERM. Twice: with --max-batch N and with --max-batch 1 (no batching), which shows what
+  batching buys.
 - Serving overhead ratio = served images/s / in-process images/s at batch min(concurrency, N).
   The clients share the CPU with the server, so on a small machine the ratio also carries their cost.
 - Mean batch = images per model call during the level, from the server's /metrics.

@@ -166,3 +166,34 @@ def test_metadata_names_the_inputs_outputs_and_classes():
     assert metadata["inputs"][1] == {"name": "images", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
     assert metadata["parameters"]["class_names"] == NAMES and metadata["versions"] == ["2"]
+
+
+def test_the_load_tests_v2_bodies_are_what_the_server_parses():
+    from flowers.serve.loadtest import request_bodies
+
+    photos = [base64.b64encode(b"photo-%d" % i).decode() for i in range(3)]
+    for protocol in ("v2", "v2-binary"):
+        bodies = request_bodies(protocol, photos, instances=2)
+        assert len(bodies) == 3
+        body, headers = bodies[2]  # rotates through the set: photos 2, then 0
+        request = parse_infer(body, headers.get("inference-header-content-length"), "flowers", 8)
+        assert request.photos == [b"photo-2", b"photo-0"]
+        assert request.binary_output == (protocol == "v2-binary")
+
+
+@pytest.mark.parametrize("text", ["v3", "", "v1,grpc"])
+def test_an_unknown_protocol_is_refused(text):
+    from flowers.errors import FlowersError
+    from flowers.serve.loadtest import parse_protocols
+
+    with pytest.raises(FlowersError, match="--protocols takes a comma-separated list of v1, v2, v2-binary"):
+        parse_protocols(text)
+
+
+def test_bench_serve_compares_batching_per_protocol():
+    from flowers.serve.bench import batching_gains
+
+    rows = [{"runtime": "onnx", "protocol": p, "max_batch": b, "concurrency": 4, "images_per_s": v}
+            for p, b, v in (("v1", 32, 200.0), ("v1", 1, 100.0), ("v2", 32, 150.0), ("v2", 1, 100.0))]
+    assert batching_gains(rows, 32) == {"onnx v1": {4: 2.0}, "onnx v2": {4: 1.5}}
+    assert batching_gains(rows[:2], 32) == {"onnx": {4: 2.0}}  # one protocol: the runtime alone
