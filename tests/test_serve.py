@@ -227,7 +227,7 @@ def photos_tensor(data: list[str]) -> dict:
     (V2, {"inputs": [photos_tensor([NOT_AN_IMAGE])], "outputs": [{"name": "logits"}]}, 400,
      '"outputs" may name one output, "probabilities"'),
     (V2, {"inputs": [photos_tensor([NOT_AN_IMAGE])], "parameters": {"priority": 1}}, 400,
-     "unknown request parameter 'priority'"),
+     "unknown parameter 'priority'; known: binary_data_output"),
     ("/v2/models/roses/infer", {"inputs": []}, 404, "model 'roses' not found"),
 ])
 def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(server, photos, route, body,

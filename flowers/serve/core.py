@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -207,3 +207,23 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+
+
+def add_inference_routes(routes: APIRouter, server: Server, model_path: str, action: str,
+                         parse: Parse, label_prefix: str = "") -> None:
+    """POST {model_path}{action} and its /versions/{version} twin, answered by Server.infer.
+
+    e.g. ("/v1/models/{name}", ":predict"); the metrics label is the route's template (with
+    label_prefix, the router's own prefix).
+    """
+    for path in (f"{model_path}{action}", f"{model_path}/versions/{{version}}{action}"):
+        routes.add_api_route(path, _inference_endpoint(server, label_prefix + path, parse),
+                             methods=["POST"])
+
+
+def _inference_endpoint(server: Server, label: str, parse: Parse):
+    async def endpoint(name: str, request: Request, version: str | None = None) -> Response:
+        server.check_model(name, version)
+        return await server.infer(request, label, parse)
+
+    return endpoint

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 import flowers
 from flowers.serve import oip_codec
-from flowers.serve.core import Server, Work
+from flowers.serve.core import Server, Work, add_inference_routes
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
@@ -81,12 +81,4 @@ def _add_model_routes(routes: APIRouter, server: Server) -> None:
     routes.add_api_route("/models/{name}/ready", ready, methods=["GET"])
     routes.add_api_route("/models/{name}/versions/{version}/ready", ready, methods=["GET"])
 
-    @routes.post("/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Response:
-        server.check_model(name)
-        return await server.infer(request, "/v2/models/{name}/infer", parse)
-
-    @routes.post("/models/{name}/versions/{version}/infer")
-    async def version_infer(name: str, version: str, request: Request) -> Response:
-        server.check_model(name, version)
-        return await server.infer(request, "/v2/models/{name}/versions/{version}/infer", parse)
+    add_inference_routes(routes, server, "/models/{name}", "/infer", parse, label_prefix="/v2")

@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from flowers.serve.payload import ClientError, decode_photo, from_base64, resize_pixels, whole_number
+from flowers.serve.payload import (
+    ClientError,
+    decode_photo,
+    from_base64,
+    json_object,
+    known_parameters,
+    resize_pixels,
+    whole_number,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 PHOTOS, IMAGES, PROBABILITIES = "photos", "images", "probabilities"
@@ -70,7 +78,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str,
         ClientError: 400 naming the first mistake.
     """
     header, binary = _split(body, header_length)
-    request = _json_object(header)
+    request = json_object(header, "the request header", '{"inputs": [...]}')
     unknown = sorted(set(request) - REQUEST_KEYS)
     if unknown:
         raise ClientError(400, f"unknown key {unknown[0]!r}; an infer request has "
@@ -162,27 +170,10 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:int(header_length)], body[int(header_length):]
 
 
-def _json_object(header: bytes) -> dict[str, Any]:
-    try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClientError(400, f"the request header is not JSON ({exc})") from None
-    if not isinstance(request, dict):
-        raise ClientError(400, 'the body must be a JSON object {"inputs": [...]}')
-    return request
-
-
 def _request_parameters(parameters: Any) -> bool:
     """binary_data_output, the one request parameter this server reads."""
-    if parameters is None:
-        return False
-    if not isinstance(parameters, dict):
-        raise ClientError(400, '"parameters" must be an object')
-    unknown = sorted(set(parameters) - {"binary_data_output"})
-    if unknown:
-        raise ClientError(400, f"unknown request parameter {unknown[0]!r}; this server reads "
-                               "binary_data_output")
-    return _flag(parameters.get("binary_data_output", False), "binary_data_output")
+    known = known_parameters(parameters, {"binary_data_output"})
+    return _flag(known.get("binary_data_output", False), "binary_data_output")
 
 
 def _outputs(outputs: Any) -> tuple[bool | None, int]:

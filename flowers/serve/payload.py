@@ -47,12 +47,7 @@ def parse_body(body: bytes, max_instances: int) -> PredictRequest:
         ClientError: 400 for non-JSON, a missing or empty "instances", unknown keys or parameters,
             a bad top_k, or more than max_instances instances.
     """
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClientError(400, f"the body is not JSON ({exc})") from None
-    if not isinstance(request, dict):
-        raise ClientError(400, 'the body must be a JSON object {"instances": [...]}')
+    request = json_object(body, "the body", '{"instances": [...]}')
     if "inputs" in request:
         raise ClientError(400, 'the columnar "inputs" format is not supported; send '
                                '{"instances": [...]}')
@@ -69,6 +64,17 @@ def parse_body(body: bytes, max_instances: int) -> PredictRequest:
         raise ClientError(400, f"{len(instances)} instances; this server takes at most "
                                f"{max_instances} per request")
     return PredictRequest(instances=instances, top_k=_top_k(request.get("parameters")))
+
+
+def json_object(text: bytes, what: str, form: str) -> dict[str, Any]:
+    """`text` parsed as one JSON object; `what` and `form` name it in the 400 otherwise."""
+    try:
+        value = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClientError(400, f"{what} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ClientError(400, f"{what} must be a JSON object {form}")
+    return value
 
 
 def decode_instances(instances: list[Any], image_size: int) -> np.ndarray:
@@ -134,15 +140,24 @@ def _pixels(instance: list, index: int) -> np.ndarray:
 
 
 def _top_k(parameters: Any) -> int:
+    return whole_number(known_parameters(parameters, KNOWN_PARAMETERS).get("top_k", DEFAULT_TOP_K),
+                        "top_k")
+
+
+def known_parameters(parameters: Any, known: set[str]) -> dict[str, Any]:
+    """A request's "parameters" object ({} when absent), holding only `known` names.
+
+    Raises:
+        ClientError: 400 for a non-object or an unknown name.
+    """
     if parameters is None:
-        return DEFAULT_TOP_K
+        return {}
     if not isinstance(parameters, dict):
-        raise ClientError(400, '"parameters" must be an object such as {"top_k": 5}')
-    unknown = sorted(set(parameters) - KNOWN_PARAMETERS)
+        raise ClientError(400, f'"parameters" must be an object such as {{"{min(known)}": ...}}')
+    unknown = sorted(set(parameters) - known)
     if unknown:
-        raise ClientError(400, f"unknown parameter {unknown[0]!r}; known: "
-                               f"{', '.join(sorted(KNOWN_PARAMETERS))}")
-    return whole_number(parameters.get("top_k", DEFAULT_TOP_K), "top_k")
+        raise ClientError(400, f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    return parameters
 
 
 def whole_number(value: Any, name: str) -> int:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
-from flowers.serve.core import Server
+from flowers.serve.core import Server, add_inference_routes
 from flowers.serve.vertex import instances_work
 
 
@@ -30,15 +29,7 @@ def router(server: Server) -> APIRouter:
     async def live() -> dict[str, str]:
         return {"status": "alive"}
 
-    @routes.post("/v1/models/{name}:predict")
-    async def predict(name: str, request: Request) -> Response:
-        server.check_model(name)
-        return await server.infer(request, "/v1/models/{name}:predict", parse)
-
-    @routes.post("/v1/models/{name}/versions/{version}:predict")
-    async def version_predict(name: str, version: str, request: Request) -> Response:
-        server.check_model(name, version)
-        return await server.infer(request, "/v1/models/{name}/versions/{version}:predict", parse)
+    add_inference_routes(routes, server, "/v1/models/{name}", ":predict", parse)
 
     @routes.get("/v1/models/{name}")
     async def status(name: str) -> dict[str, Any]:
