@@ -31,6 +31,7 @@ from filelock import FileLock
 
 import learnable
 from flowers import paths
+from flowers.errors import FlowersError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The real-photo folder (flowers12's layout: train/ and test/ of 12 species).
@@ -225,7 +226,15 @@ def serve_clients(tmp_path_factory) -> Path:
                  if re.search(r"""extra\s*==\s*["']serve-clients["']""", r))
     assert pins, "pyproject.toml has no serve-clients extra"
     env = toolenvs.PythonEnv("serve-clients", pins, "the serving clients")
-    _once(tmp_path_factory, "serve-clients", lambda folder: str(env.ensure(print)))
+
+    def make(folder) -> str:
+        try:
+            return str(env.ensure(print))
+        except FlowersError as exc:  # offline: pip's own line
+            return f"error: {exc}"
+
+    made = _once(tmp_path_factory, "serve-clients", make)
+    needs(f"the serving clients' virtualenv ({made})", not made.startswith("error: "))
     return env.python()
 
 

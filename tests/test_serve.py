@@ -118,6 +118,8 @@ def test_served_predictions_equal_flowers_predict_on_both_routes(server, version
 
 def test_open_inference_protocol_answers_as_the_v1_routes_do(server, photos):
     """JSON and binary tensors (Triton's extension, by hand), classification, metadata, errors."""
+    counted = "flowers_serve_requests_total{route=/v2/models/{name}/infer,status=200}"
+    before = metric_samples(server).get(counted, 0)
     v1 = post(f"{server}/predict", {"instances": [b64(p) for p in photos], "parameters": {"top_k": 4}})
     want = [probabilities(p) for p in v1.json()["predictions"]]
     metadata = httpx.get(f"{server}/v2/models/smoke", timeout=REQUEST_TIMEOUT_S).json()
@@ -151,6 +153,8 @@ def test_open_inference_protocol_answers_as_the_v1_routes_do(server, photos):
     best = np.argsort(-got[0])[:2]
     assert ranked["shape"] == [1, 2] and [label.split(":")[1:] for label in ranked["data"]] == [
         [str(i), names[i]] for i in best]
+
+    assert metric_samples(server)[counted] - before == 3  # the same metrics as every route
 
     for headers, content, message in (
             ({"Inference-Header-Content-Length": "999999"}, header + raw, "not a byte count"),

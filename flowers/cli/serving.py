@@ -48,11 +48,13 @@ def runtime_names_help() -> list[str]:
 def serve(model: Path, runtime: str | None, backend_name: str | None, host: str | None,
           port: int | None, workers: int, max_batch: int, max_wait_ms: float, max_queue: int,
           max_instances: int, max_body_mb: float, access_log: bool) -> None:
-    """Serve an export version or a model file over HTTP (Vertex AI and TF Serving routes).
+    """Serve an export version or a model file over HTTP (Vertex AI, TF Serving / KServe v1 and
+    Open Inference Protocol v2 routes).
 
     MODEL is exports/<experiment>/v<N>, a .keras/.onnx/.tflite file or a SavedModel directory.
     Routes: $AIP_HEALTH_ROUTE (/health), $AIP_PREDICT_ROUTE (/predict), /v1/models/<experiment>
-    and its :predict, /metrics. SIGTERM answers every open request, then exits 0.
+    and its :predict, /v2/health/ready, /v2/models/<experiment> and its /ready and /infer,
+    /metrics. SIGTERM answers every open request, then exits 0.
     """
     from flowers.serve import server, settings
 
