@@ -36,9 +36,6 @@ WHEEL_EXPERIMENTS = PACKAGE_DIR / "_builtin" / "experiments"
 PHOTOS_PLACEHOLDER = "$FLOWERS_PHOTOS"
 # ../shared/data/flowers12, relative to the workspace
 DEFAULT_PHOTOS_RELATIVE = Path("..") / "shared" / "data" / "flowers12"
-# The photo folder of a checkout without $FLOWERS_PHOTOS (photos_dir() is the rule; this is its value
-# there, for code and tests that name the checkout's default).
-DEFAULT_PHOTOS = PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
 
 # output root -> (environment variable, default folder relative to the workspace)
 OUTPUT_ROOTS = {

@@ -3,6 +3,7 @@
 import csv
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -79,8 +80,8 @@ def test_evaluate_torch_model_under_other_backends(learnable_runs, other):
     assert evaluated["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-4)
 
 
-def test_tfds_source_end_to_end_with_mock_data(tmp_path):
-    """tfds:oxford_flowers102 with the baseline's splits, driven by tfds.testing.mock_data."""
+def train_on_mock_tfds(experiment: str, examples: int, runs: Path) -> Path:
+    """`flowers train -e EXPERIMENT` (tensorflow, 32 px, 1 epoch) on tfds.testing.mock_data: its run."""
     driver = f"""
         import tensorflow_datasets as tfds
         import flowers.host
@@ -88,12 +89,17 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
         # mock_data fakes the download and the records, but the builder still reports the data as
         # not prepared, so the pre-download network probe must be told the host is reachable.
         flowers.host.can_reach = lambda *args, **kwargs: True
-        with tfds.testing.mock_data(num_examples=40):
-            main(["train", "-e", "baseline", "--backend", "tensorflow", "--runs-dir", "{tmp_path}",
+        with tfds.testing.mock_data(num_examples={examples}):
+            main(["train", "-e", "{experiment}", "--backend", "tensorflow", "--runs-dir", "{runs}",
                   "--set", "model.weights=none", "--set", "data.image_size=32",
                   "--set", "train.epochs=1", "--set", "train.latency_repeats=2"])
     """
-    run = run_dir_of(python(driver))
+    return run_dir_of(python(driver))
+
+
+def test_tfds_source_end_to_end_with_mock_data(tmp_path):
+    """tfds:oxford_flowers102 with the baseline's splits, driven by tfds.testing.mock_data."""
+    run = train_on_mock_tfds("baseline", 40, tmp_path)
     metrics = read_json(run / "metrics.json")
     assert metrics["num_classes"] == 102
     assert metrics["num_train"] > 0 and metrics["num_val"] > 0
@@ -105,17 +111,7 @@ def test_tfds_source_end_to_end_with_mock_data(tmp_path):
 
 def test_tf_flowers_experiment_end_to_end_with_mock_data(tmp_path):
     """The tf_flowers experiment (tfds tf_flowers: only a train split, sliced 80/20), offline."""
-    driver = f"""
-        import tensorflow_datasets as tfds
-        import flowers.host
-        from flowers.cli import main
-        flowers.host.can_reach = lambda *args, **kwargs: True  # see the test above
-        with tfds.testing.mock_data(num_examples=50):
-            main(["train", "-e", "tf_flowers", "--backend", "tensorflow", "--runs-dir", "{tmp_path}",
-                  "--set", "model.weights=none", "--set", "data.image_size=32",
-                  "--set", "train.epochs=1", "--set", "train.latency_repeats=2"])
-    """
-    run = run_dir_of(python(driver))
+    run = train_on_mock_tfds("tf_flowers", 50, tmp_path)
     metrics = read_json(run / "metrics.json")
     assert metrics["num_classes"] == 5
     assert metrics["num_train"] > 0 and metrics["num_val"] > 0  # mock_data ignores split slicing

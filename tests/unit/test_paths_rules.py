@@ -71,12 +71,17 @@ def test_experiment_paths_are_taken_from_the_project_root(monkeypatch, tmp_path)
 
 def test_reports_record_project_relative_paths():
     assert paths.project_relative(paths.PROJECT_ROOT / "exports" / "smoke") == str(Path("exports/smoke"))
-    assert paths.project_relative(paths.DEFAULT_PHOTOS) == str(Path("../shared/data/flowers12"))
+    shared = paths.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
+    assert paths.project_relative(shared) == str(Path("../shared/data/flowers12"))
     assert paths.project_relative("") == ""
 
 
-def test_the_photo_folder_is_the_option_else_the_shared_default(tmp_path):
-    assert paths.photos_dir() == paths.DEFAULT_PHOTOS
+def test_the_photo_folder_is_the_option_else_the_variable_else_the_shared_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLOWERS_PHOTOS", raising=False)
+    monkeypatch.delenv("FLOWERS_HOME", raising=False)
+    assert paths.photos_dir() == paths.PROJECT_ROOT.parent / "shared" / "data" / "flowers12"
+    monkeypatch.setenv("FLOWERS_PHOTOS", str(tmp_path / "mine"))
+    assert paths.photos_dir() == tmp_path / "mine"
     assert paths.photos_dir(tmp_path) == tmp_path
 
 
