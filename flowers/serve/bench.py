@@ -199,7 +199,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['duration_s']:g} s each, 1 photo per request; --max-wait-ms {s['max_wait_ms']:g}.",
         "",
         markdown_table(ROW_HEADER, ([
-            r["runtime"], r.get("protocol", "v1"), r["max_batch"], r["concurrency"],
+            r["runtime"], r["protocol"], r["max_batch"], r["concurrency"],
             f"{r['requests_per_s']:.1f}",
             f"{r['images_per_s']:.1f}", _num(r["latency_p50_ms"]), _num(r["latency_p95_ms"]),
             _num(r["latency_p99_ms"]), r["errors"], _num(r["mean_batch"], "{:.1f}"),
@@ -226,10 +226,10 @@ def markdown(results: dict[str, Any]) -> str:
 def batching_gains(rows: list[dict[str, Any]], max_batch: int) -> dict[str, dict[int, float]]:
     """runtime (and protocol, when several) -> concurrency -> images/s with max_batch / images/s
     with max batch 1."""
-    several = len({r.get("protocol", "v1") for r in rows}) > 1
+    several = len({r["protocol"] for r in rows}) > 1
 
     def name(r: dict[str, Any]) -> str:
-        return f"{r['runtime']} {r.get('protocol', 'v1')}" if several else r["runtime"]
+        return f"{r['runtime']} {r['protocol']}" if several else r["runtime"]
 
     unbatched = {(name(r), r["concurrency"]): r["images_per_s"] for r in rows if r["max_batch"] == 1}
     gains: dict[str, dict[int, float]] = {}

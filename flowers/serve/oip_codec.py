@@ -50,16 +50,11 @@ INPUT_FORMS = (f'one input: "{PHOTOS}" (BYTES [N], encoded JPEG/PNG files) or "{
 class InferRequest:
     """A checked infer request: the pixels or encoded photos, and how to answer."""
 
-    input_name: str
-    photos: list[bytes] | None  # encoded files ("photos")
+    photos: list[bytes] | None  # encoded files ("photos"), or
     pixels: np.ndarray | None  # [N, H, W, 3] ("images")
     binary_output: bool
     classification: int  # 0: the probabilities themselves
     id: str | None
-
-    @property
-    def count(self) -> int:
-        return len(self.photos) if self.photos is not None else len(self.pixels)
 
     def decode(self, image_size: int) -> np.ndarray:
         """uint8 [N, S, S, 3]; CPU-bound (the app runs it in a decoding thread)."""
@@ -95,7 +90,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str,
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ClientError(400, f'"id" must be a string, not {request_id!r}')
-    return InferRequest(input_name=name, photos=values if name == PHOTOS else None,
+    return InferRequest(photos=values if name == PHOTOS else None,
                         pixels=values if name == IMAGES else None,
                         binary_output=binary_output if output_binary is None else output_binary,
                         classification=classification, id=request_id)

@@ -31,7 +31,7 @@ def photos(*items: str) -> dict:
 def test_json_photos_are_base64_files_and_the_id_comes_back():
     request = parse({"id": "a", "model_name": "flowers",
                      "inputs": [photos(base64.b64encode(b"jpeg1").decode(), "anBlZzI=")]})
-    assert request.photos == [b"jpeg1", b"jpeg2"] and request.pixels is None and request.count == 2
+    assert request.photos == [b"jpeg1", b"jpeg2"] and request.pixels is None and len(request.photos) == 2
     assert (request.id, request.binary_output, request.classification) == ("a", False, 0)
 
 
