@@ -39,7 +39,7 @@ def write_charts(comparison: Mapping[str, Any],
         name = f"chart_{row['key'].replace('.', '_')}.png"
         _bar_chart(row, [c["backend"] for c in comparison["columns"]], subtitle, folder / name)
         names.append(name)
-    _learning_curves(histories, subtitle, folder / "learning_curves.png")
+    learning_curves(histories, subtitle, folder / "learning_curves.png")
     return [*names, "learning_curves.png"]
 
 
@@ -82,7 +82,7 @@ def _bar_chart(row: Mapping[str, Any], labels: list[str], subtitle: str, path: P
         fig.savefig(path)
 
 
-def _learning_curves(histories: Mapping[str, Sequence[list[dict[str, Any]]]], subtitle: str,
+def learning_curves(histories: Mapping[str, Sequence[list[dict[str, Any]]]], subtitle: str,
                      path: Path) -> None:
     from matplotlib.figure import Figure
 

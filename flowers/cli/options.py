@@ -38,6 +38,21 @@ exports_dir_option = click.option(
 )
 
 
+def track_option(what: str):
+    return click.option(
+        "--track", "track", multiple=True, metavar="TRACKER", envvar="FLOWERS_TRACK",
+        help=f"Also log {what} to a tracker: mlflow, at $MLFLOW_TRACKING_URI (MLflow's default "
+             "sqlite:///mlflow.db when unset; needs flowers[track]). Default: $FLOWERS_TRACK.")
+
+
+def tracking_for(track: tuple[str, ...]) -> Any:
+    """The checked --track values as a flowers.tracking.Tracking warning on stderr."""
+    from flowers import tracking
+
+    return tracking.Tracking(tracking.parse(track),
+                             warn=lambda line: click.echo(f"warning: {line}", err=True))
+
+
 def default(settings: type, name: str) -> Any:
     """The default of field `name` of a settings dataclass: an option's default is read from the
     settings it fills, so the two cannot drift apart."""

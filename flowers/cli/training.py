@@ -9,7 +9,14 @@ import click
 
 from flowers import backend, config, files, interrupt, paths, runs
 from flowers import distribute as distribute_lib
-from flowers.cli.options import DEFAULT_BACKEND, backend_option, backend_option_for, runs_dir_option
+from flowers.cli.options import (
+    DEFAULT_BACKEND,
+    backend_option,
+    backend_option_for,
+    runs_dir_option,
+    track_option,
+    tracking_for,
+)
 from flowers.errors import FlowersError
 
 
@@ -27,14 +34,16 @@ from flowers.errors import FlowersError
               help="Train N runs, one after the other: seeds train.seed, train.seed+1, ... "
                    "(flowers compare reports the seed-to-seed spread and paired tests).")
 @runs_dir_option
+@track_option("each run (parameters, per-epoch and final metrics, files)")
 def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...], resume: bool,
-          distribute: str | None, seeds: int, runs_dir: Path | None) -> None:
+          distribute: str | None, seeds: int, runs_dir: Path | None, track: tuple[str, ...]) -> None:
     """Train an experiment; the last line printed is the run directory.
 
     With --resume the unfinished run continues with the settings it was started with; a --set
     that changes one of them is refused. With --distribute data-parallel every process of the
     cluster (torchrun, KERAS_DISTRIBUTION_*, Vertex AI's CLUSTER_SPEC) runs this same command.
     With --seeds N each seed is a complete run directory of its own, printed as it finishes.
+    With --track mlflow each run is also an MLflow run (--resume continues the same one).
     """
     if distribute:
         overrides = (*overrides, f"train.distribution={distribute.replace('-', '_')}")
@@ -51,6 +60,7 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     if resume:  # checked before select() imports the frameworks: a refusal takes a second
         resume_dir, exp = runs.resume_settings(root, exp.name, name, overrides)
         experiments = [exp]
+    track_to = tracking_for(track)
     backend.select(name)
     gpu_warning = backend.gpu_warning(name)
     if gpu_warning:
@@ -58,7 +68,8 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     from flowers.training.loop import train_seeds
 
     try:
-        for run_dir in train_seeds(experiments, name, root, resume_dir=resume_dir, progress=click.echo):
+        for run_dir in train_seeds(experiments, name, root, resume_dir=resume_dir, progress=click.echo,
+                                   track=track_to):
             _report_run(run_dir)
     except interrupt.Interrupted as stop:
         if stop.hint:
@@ -79,6 +90,9 @@ def _report_run(run_dir: Path) -> None:
     click.echo(f"seed={metrics['seed']} val_accuracy={metrics['val_accuracy']:.4f} "
                f"val_loss={metrics['val_loss']:.4f} train_time_s={metrics['train_time_s']:.1f} "
                f"device={metrics['device']}")
+    tracked = files.read_json(run_dir / "tracking.json") if (run_dir / "tracking.json").is_file() else {}
+    if "mlflow" in tracked:
+        click.echo(f"mlflow: run {tracked['mlflow']['run_id']} at {tracked['mlflow']['tracking_uri']}")
     click.echo(str(run_dir))
 
 

@@ -1,6 +1,6 @@
 """The Keras callbacks of a training run, and the order fit() runs them in.
 
-Epoch times (progress.json), history.csv, TensorBoard logs and progress lines are the chief's; the
+Epoch times (progress.json), history.csv, the trackers' records and progress lines are the chief's; the
 interruption boundary, early stopping and the head phase's final weights are every process's.
 
 Import only after flowers.backend.select(): it imports keras.
@@ -18,6 +18,7 @@ import numpy as np
 from flowers import distribute, faults, files, interrupt
 from flowers.checkpoint import EpochCheckpoint, Position, latest_state, states
 from flowers.config import Experiment
+from flowers.tracking import Tracker
 from flowers.training.plan import phase_dir, phases
 
 
@@ -220,12 +221,14 @@ def early_stopping_summary(cfg: Experiment,
 
 
 def chief_callbacks(run_dir: Path, timer: EpochTimer, epochs: int,
-                    progress: Callable[[str], None] | None) -> list[keras.callbacks.Callback]:
-    """The chief's records of every epoch: its times, its history row, TensorBoard, a progress line."""
+                    progress: Callable[[str], None] | None,
+                    trackers: Sequence[Tracker]) -> list[keras.callbacks.Callback]:
+    """The chief's records of every epoch: its times, its history row, the trackers' (TensorBoard,
+    MLflow), a progress line."""
     return [
         timer,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, profile_batch=0),
+        *(callback for tracker in trackers for callback in tracker.callbacks()),
         *([EpochProgress(progress, epochs)] if progress else []),
     ]
 

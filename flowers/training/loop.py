@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from flowers import backend, data, distribute, faults, files, interrupt, runs, weights
+from flowers import backend, data, distribute, faults, files, interrupt, runs, tracking, weights
 from flowers.checkpoint import EpochCheckpoint, Position, restored_position
 from flowers.config import Experiment
 from flowers.errors import FlowersError
@@ -52,7 +52,8 @@ from flowers.training.plan import FRESH, PhaseRun, phase_dir, plan, validates_ev
 def train(experiment: Experiment, backend_name: str, runs_root: Path,
           resume_dir: Path | None = None,
           callbacks: Sequence[keras.callbacks.Callback] = (),
-          progress: Callable[[str], None] | None = None) -> Path:
+          progress: Callable[[str], None] | None = None,
+          track: tracking.Tracking | None = None) -> Path:
     """Train `experiment` under the selected backend and write a complete run directory.
 
     Args:
@@ -63,6 +64,7 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
             experiment must have the settings it was started with (runs.check_resumable).
         callbacks: extra Keras callbacks (run after the built-in ones).
         progress: called with one line per stage (data, model, each epoch, evaluation).
+        track: the trackers besides TensorBoard (flowers.tracking), written by the chief only.
 
     Returns:
         The final run directory.
@@ -83,13 +85,17 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
     num_classes = len(splits.class_names)
     model, draws = _build(cfg, engine, num_classes, say)
     run_dir = _run_dir(cfg, backend_name, runs_root, resume_dir, engine)
-    with runs.kept(run_dir):  # a run directory deleted mid-run: one line, whatever failed
+    trackers = (track or tracking.Tracking()).open(run_dir) if engine.is_chief else []
+    for tracker in trackers:
+        tracker.start(cfg, backend_name, resumed=resume_dir is not None)
+    # a run directory deleted mid-run: one line, whatever failed
+    with runs.kept(run_dir), tracking.stopping(trackers):
         if engine.is_chief:
             files.write_json(run_dir / "class_names.json", splits.class_names)
         with HostMemorySampler() as host_memory:
             backend.reset_peak_device_memory(backend_name)
             fitted = _fit_in_step(model, fit_splits, cfg, run_dir, backend_name, engine, callbacks,
-                                  progress)
+                                  progress, trackers)
             if not engine.is_chief:  # the chief evaluates and writes the run directory
                 return run_dir.with_name(files.final_name(run_dir))
             if engine.distributed:
@@ -99,12 +105,16 @@ def train(experiment: Experiment, backend_name: str, runs_root: Path,
         run_metrics = metrics(cfg, backend_name, run_dir, fit_splits, engine, fitted, measured,
                               host_memory.peak_mb, resumed=resume_dir is not None,
                               random_draws={"portable_random": draws, "deterministic": determinism})
-        return _publish(run_dir, model, cfg, splits, measured.predictions, run_metrics)
+        final = _publish(run_dir, model, cfg, splits, measured.predictions, run_metrics)
+    for tracker in trackers:
+        tracker.finish(final)
+    return final
 
 
 def train_seeds(experiments: Sequence[Experiment], backend_name: str, runs_root: Path,
                 resume_dir: Path | None = None,
-                progress: Callable[[str], None] | None = None) -> Iterator[Path]:
+                progress: Callable[[str], None] | None = None,
+                track: tracking.Tracking | None = None) -> Iterator[Path]:
     """train() each experiment in turn (`flowers train --seeds N`: the same settings, seeds
     train.seed, train.seed+1, ...); yields each final run directory as it is written.
 
@@ -116,7 +126,8 @@ def train_seeds(experiments: Sequence[Experiment], backend_name: str, runs_root:
             keras.backend.clear_session()
         if progress and len(experiments) > 1:
             progress(f"seed {experiment.train.seed} ({index + 1} of {len(experiments)})")
-        yield train(experiment, backend_name, runs_root, resume_dir=resume_dir, progress=progress)
+        yield train(experiment, backend_name, runs_root, resume_dir=resume_dir, progress=progress,
+                    track=track)
 
 
 def _set_up_process(cfg: Experiment, backend_name: str) -> dict[str, Any]:
@@ -181,12 +192,14 @@ def _run_dir(cfg: Experiment, backend_name: str, runs_root: Path, resume_dir: Pa
 def _fit_in_step(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
                  backend_name: str, engine: distribute.Engine,
                  callbacks: Sequence[keras.callbacks.Callback],
-                 progress: Callable[[str], None] | None) -> Fitted:
+                 progress: Callable[[str], None] | None,
+                 trackers: Sequence[tracking.Tracker]) -> Fitted:
     """fit(), then every process checks it holds the same weights; an interruption says where the
     run directory's checkpoint stands."""
     with engine.guard():
         try:
-            fitted = fit(model, splits, cfg, run_dir, backend_name, engine, callbacks, progress)
+            fitted = fit(model, splits, cfg, run_dir, backend_name, engine, callbacks, progress,
+                         trackers)
         except interrupt.Interrupted as stop:
             done = newest_position(engine.backup_dir(run_dir))
             stop.hint = (f"{run_dir} keeps its checkpoint after "
@@ -254,13 +267,15 @@ class _Fitting:
 def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path, backend_name: str,
         engine: distribute.Engine | None = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
-        progress: Callable[[str], None] | None = None) -> Fitted:
+        progress: Callable[[str], None] | None = None,
+        trackers: Sequence[tracking.Tracker] | None = None) -> Fitted:
     """model.fit for every phase of the run, continuing from run_dir's checkpoint when it has one.
 
     Every epoch publishes its state (flowers.checkpoint), its times (progress.json) and its history
     row, so an interrupted run resumes at the last finished epoch with the batches it would have
     read, in the phase that epoch belongs to. Under data-parallel training every process keeps its
-    own checkpoint; only the chief writes the times, history and TensorBoard logs.
+    own checkpoint; only the chief writes the times and history and calls the trackers (None:
+    TensorBoard alone).
     """
     engine = engine or distribute.Engine()
     backup_dir = engine.backup_dir(run_dir)
@@ -271,7 +286,9 @@ def fit(model: keras.Model, splits: data.Splits, cfg: Experiment, run_dir: Path,
     if start != FRESH and progress:
         progress(f"resume: {start.describe(cfg.total_epochs, steps)} done; continuing")
     timer = EpochTimer(run_dir / "progress.json") if engine.is_chief else None
-    chief = chief_callbacks(run_dir, timer, cfg.total_epochs, progress) if timer else []
+    if trackers is None:
+        trackers = tracking.Tracking().open(run_dir)
+    chief = chief_callbacks(run_dir, timer, cfg.total_epochs, progress, trackers) if timer else []
     fitting = _Fitting(model, splits, cfg, backend_name, engine, backup_dir, timer, chief, callbacks,
                        progress)
     phase_runs = plan(cfg, start, stopped_phases(cfg, backup_dir, start))

@@ -155,7 +155,8 @@ LAYERS = [
     ("settings, data", {"config", "backbones", "weights", "data", "folders", "images", "runs"}),
     ("backends", {"backend", "distribute", "workers"}),
     ("model", {"model", "fold", "randomness", "checkpoint"}),
-    ("jobs", {"training", "export", "serve", "bench", "parity", "report", "report_text", "report_charts"}),
+    ("jobs", {"training", "tracking", "export", "serve", "bench", "parity", "report", "report_text",
+              "report_charts"}),
     ("command line", {"cli", "__main__"}),
 ]
 
