@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from flowers import backend, files, paths
-from flowers.cli.options import out_option, runs_dir_option
+from flowers.cli.options import out_option, runs_dir_option, track_option, tracking_for
 from flowers.errors import FlowersError
 
 
@@ -21,18 +21,21 @@ from flowers.errors import FlowersError
 @click.option("--allow-mixed", is_flag=True,
               help="Compare runs with different settings or devices (the report says so).")
 @runs_dir_option
+@track_option("the report, as a parent run over the compared runs")
 def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None, allow_mixed: bool,
-            runs_dir: Path | None) -> None:
+            runs_dir: Path | None, track: tuple[str, ...]) -> None:
     """Compare runs side by side: OUT/<experiment>/comparison.md, charts, CSV and JSON.
 
     Give --experiment NAME (the newest complete runs with the same settings but the seed and the
     same device: per backend, the newest of each seed) or RUN_DIR arguments (at most one per backend
-    and seed). The last line printed is the path of comparison.md.
+    and seed). The last line printed is the path of comparison.md. With --track mlflow the report
+    is also an MLflow run whose children are the compared runs.
     """
     from flowers import report
 
     if run_dirs and experiment:
         raise FlowersError("give --experiment NAME or RUN_DIR arguments, not both")
+    track_to = tracking_for(track)
     files.check_writable(paths.reports_root(out), "--out")
     if not run_dirs:
         if not experiment:
@@ -44,6 +47,11 @@ def compare(run_dirs: tuple[Path, ...], experiment: str | None, out: Path | None
         run_dirs = tuple(chosen)
     report_dir, comparison = report.compare(run_dirs, paths.reports_root(out), allow_mixed)
     click.echo(report.render_table(comparison))
+    if "mlflow" in track_to.names:
+        from flowers.tracking import mlflow_client, mlflow_compare
+
+        parent = mlflow_compare.log_comparison(report_dir, comparison, [Path(d) for d in run_dirs])
+        click.echo(f"mlflow: comparison run {parent} at {mlflow_client.tracking_uri()}")
     click.echo(str(report_dir / "comparison.md"))
 
 

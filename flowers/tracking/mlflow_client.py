@@ -42,7 +42,7 @@ def check() -> None:
         client()
     except Exception as exc:  # MLflow's errors for a bad URI differ by scheme
         raise FlowersError(f"--track mlflow: MLflow cannot use MLFLOW_TRACKING_URI="
-                           f"{os.environ.get('MLFLOW_TRACKING_URI', '')!r} ({_reason(exc)})") from None
+                           f"{os.environ.get('MLFLOW_TRACKING_URI', '')!r} ({reason(exc)})") from None
 
 
 def client() -> Any:
@@ -84,7 +84,7 @@ def log(mlflow_client: Any, run_id: str, metrics: list | None = None, params: di
         mlflow_client.log_batch(run_id, **chunk)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"{type(exc).__name__}: {text[:200]}"
 
@@ -144,7 +144,7 @@ class Sender:
             try:
                 self._call(item)
             except Exception as exc:  # whatever MLflow or the network raises, training goes on
-                self._fail(f"MLflow at {self.uri} failed ({_reason(exc)})")
+                self._fail(f"MLflow at {self.uri} failed ({reason(exc)})")
                 self._miss(item)
 
     def _call(self, item: dict[str, Any]) -> None:

@@ -57,7 +57,7 @@ class MlflowTracker(Tracker):
                          run_name=f"{backend_name}-seed{cfg.train.seed}-{raw['run_id']}",
                          tags=run_tags(cfg.name, backend_name, cfg.train.seed, raw["run_id"]))
         if run_id is None:  # a resumed run logged these when it started
-            self.sender.send("log", params=run_params(raw, backend_name, self.run_dir))
+            self.sender.send("log", params=run_params(raw, live_facts(backend_name, self.run_dir)))
 
     def callbacks(self) -> list[Any]:
         import keras
@@ -81,14 +81,9 @@ class MlflowTracker(Tracker):
         self._keep(self.run_dir)
 
     def finish(self, run_dir: Path) -> None:
-        metrics = files.read_json(run_dir / "metrics.json")
-        now = int(time.time() * 1000)
-        step = len(_history(run_dir / "history.csv"))
-        self.sender.send("log", metrics=[[f"final/{k}", v, step, now] for k, v in flat_numbers(metrics)])
-        _draw_learning_curve(run_dir)
-        for name in ARTIFACTS:
-            if (run_dir / name).is_file():
-                self.sender.send("artifact", path=str(run_dir / name))
+        self.sender.send("log", metrics=final_metrics(run_dir))
+        for path in artifacts(run_dir):
+            self.sender.send("artifact", path=str(path))
         self.sender.send("end", status="FINISHED")
         self.sender.close()
         self._keep(run_dir)
@@ -113,22 +108,46 @@ def run_tags(experiment: str, backend_name: str, seed: int, run_id: str) -> dict
             "flowers.run_id": run_id}
 
 
-def run_params(raw: Mapping[str, Any], backend_name: str, run_dir: Path) -> dict[str, Any]:
-    """Every setting of config.json, the backend and what identifies the measurement."""
-    git = host.git_state()
-    cpu = host.host_info()
-    return {
-        **config.settings(raw["experiment"]),
-        "backend": backend_name,
-        **backend.versions(backend_name),
-        "device": backend.device(backend_name),
-        "cpu_model": cpu["cpu_model"],
-        "cpu_count": cpu["cpu_count"],
-        "git_commit": git["commit"],
-        "git_dirty": git["dirty"],
-        "flowers_run_id": raw["run_id"],
-        "run_dir": str(run_dir.with_name(files.final_name(run_dir))),
-    }
+def run_params(raw: Mapping[str, Any], facts: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting of config.json (section.key), the run's id and what identifies the measurement."""
+    return {**config.settings(raw["experiment"]), "flowers_run_id": raw["run_id"], **facts}
+
+
+def live_facts(backend_name: str, run_dir: Path) -> dict[str, Any]:
+    """The backend, versions, device, CPU and git state of the run training in this process."""
+    git, cpu = host.git_state(), host.host_info()
+    return {"backend": backend_name, **backend.versions(backend_name),
+            "device": backend.device(backend_name), "cpu_model": cpu["cpu_model"],
+            "cpu_count": cpu["cpu_count"], "git_commit": git["commit"], "git_dirty": git["dirty"],
+            "run_dir": str(run_dir.with_name(files.final_name(run_dir)))}
+
+
+def recorded_facts(metrics: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The same facts, as a finished run's metrics.json recorded them (no git state: it has none)."""
+    keys = ("backend", "backend_version", "keras_version", "tensorflow_version", "python_version",
+            "device")
+    return {**{key: metrics.get(key) for key in keys}, "cpu_model": metrics["host"]["cpu_model"],
+            "cpu_count": metrics["host"]["cpu_count"], "run_dir": str(run_dir)}
+
+
+def epoch_metrics(run_dir: Path) -> list[list[Any]]:
+    """history.csv's numbers as [key, value, step=epoch, timestamp] rows (a run logged afterwards)."""
+    now = int(time.time() * 1000)
+    return [[key, float(value), int(float(row["epoch"])), now] for row in _history(run_dir / "history.csv")
+            for key, value in row.items() if key not in ("epoch", "phase") and value != ""]
+
+
+def final_metrics(run_dir: Path) -> list[list[Any]]:
+    """metrics.json's numbers as final/<key> rows at step = the epochs trained."""
+    now = int(time.time() * 1000)
+    step = len(_history(run_dir / "history.csv"))
+    return [[f"final/{k}", v, step, now] for k, v in flat_numbers(files.read_json(run_dir / "metrics.json"))]
+
+
+def artifacts(run_dir: Path) -> list[Path]:
+    """The run's files MLflow keeps (the learning curve drawn first)."""
+    _draw_learning_curve(run_dir)
+    return [run_dir / name for name in ARTIFACTS if (run_dir / name).is_file()]
 
 
 def flat_numbers(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
