@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from flowers import backend, config, paths
-from flowers.cli.options import DEFAULT_BACKEND, backend_option, exports_dir_option
+from flowers.cli.options import (
+    DEFAULT_BACKEND,
+    backend_option,
+    exports_dir_option,
+    track_option,
+    tracking_for,
+)
 from flowers.errors import FlowersError
 from flowers.export import formats
 
@@ -23,16 +29,25 @@ from flowers.export import formats
               default=None, help="Store the TF.js weights as float16 (half the size; the drift is "
                                  "measured and recorded in the manifest).")
 @exports_dir_option
+@track_option("the export, as a new version of the registered model named after the experiment")
 def export_command(run_dir: Path, format_names: str | None, tfjs_quantize: str | None,
-                   out: Path | None) -> None:
+                   out: Path | None, track: tuple[str, ...]) -> None:
     """Export a run to every format, verified in each runtime; the last line is the version dir."""
     from flowers.export import run as export
+
+    track_to = tracking_for(track)
 
     # export_run checks the request before any framework loads, then selects tensorflow itself.
     version_dir = export.export_run(run_dir, format_names, paths.exports_root(out),
                                     on_step=lambda line: click.echo(f"  {line}"),
                                     quantize={"tfjs": tfjs_quantize} if tfjs_quantize else None)
-    click.echo(export.render_results(export.read_manifest(version_dir)))
+    manifest = export.read_manifest(version_dir)
+    click.echo(export.render_results(manifest))
+    if "mlflow" in track_to.names:
+        from flowers.tracking import mlflow_client, mlflow_registry
+
+        name, version = mlflow_registry.register_export(version_dir, manifest)
+        click.echo(f"mlflow: registered model {name!r} version {version} at {mlflow_client.tracking_uri()}")
     click.echo(str(version_dir))
 
 
