@@ -263,6 +263,44 @@ def served(*args: str, log: Path, wait: bool = True, env: dict | None = None,
             stop(process)
 
 
+@contextlib.contextmanager
+def mlflow_server(folder: Path, start_timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`mlflow server` on a free loopback port, its runs in folder/mlflow.db and its artifacts
+    uploaded over HTTP into folder/artifacts: (URL, process); its process group killed on exit."""
+    from flowers.serve.bench import free_port
+
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts")]
+    with open(folder / "mlflow-server.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_health(url, process, folder / "mlflow-server.log", start_timeout_s)
+        yield url, process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)
+        process.wait(timeout=30)
+
+
+def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def served_version(smoke_runs, tmp_path_factory) -> Path:
     """The torch smoke run exported to ONNX (the default runtime of a version), for the servers."""
