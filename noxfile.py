@@ -63,10 +63,15 @@ def install_backend(session: nox.Session, backend: str, gpu: bool, extras: str =
     session.log(f"{backend}: {'CUDA' if gpu else 'CPU'} builds installed")
 
 
+def tracking_extra() -> str:
+    """The `track` extra when FLOWERS_TRACK asks for MLflow (`FLOWERS_TRACK=mlflow nox -s train-torch`)."""
+    return "track" if "mlflow" in os.environ.get("FLOWERS_TRACK", "").lower() else ""
+
+
 def train_session(backend: str):
     def session_fn(session: nox.Session) -> None:
         gpu, args = split_device_args(list(session.posargs))
-        install_backend(session, backend, gpu)
+        install_backend(session, backend, gpu, tracking_extra())
         if not {"--experiment", "-e"} & set(args):
             args = ["--experiment", os.environ.get("EXPERIMENT", "baseline"), *args]
         session.run("flowers", "train", "--backend", backend, *args)
@@ -106,7 +111,8 @@ def compare_args(posargs: list[str]) -> list[str]:
 @nox.session
 def compare(session: nox.Session) -> None:
     """Report on the newest run of each backend (posargs: flowers compare); never trains."""
-    session.install("-e", ".")  # reading runs and drawing charts needs no backend
+    # reading runs and drawing charts needs no backend
+    session.install("-e", f".[{tracking_extra()}]" if tracking_extra() else ".")
     session.run("flowers", "compare", *compare_args(list(session.posargs)))
 
 

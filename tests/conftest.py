@@ -303,9 +303,24 @@ def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: 
 
 @pytest.fixture(scope="session")
 def served_version(smoke_runs, tmp_path_factory) -> Path:
-    """The torch smoke run exported to ONNX (the default runtime of a version), for the servers."""
+    """The torch smoke run exported to ONNX (the default runtime of a version), for the servers;
+    also registered with --track mlflow in the SQLite store registry_store() names (one export
+    serves both: tests/test_tracking.py reads the registered version)."""
     return Path(_once(tmp_path_factory, "served-version", lambda out: str(run_dir_of(
-        flowers("export", str(smoke_runs["torch"]), "--formats", "onnx", "--out", str(out))))))
+        flowers("export", str(smoke_runs["torch"]), "--formats", "onnx", "--out", str(out),
+                "--track", "mlflow", env=registry_store(out, create=True))))))
+
+
+def registry_store(out: Path, create: bool = False) -> dict[str, str]:
+    """MLFLOW_TRACKING_URI of the SQLite store beside the exports under `out`; `create` makes its
+    experiment "smoke" keep artifacts there too (not in ./mlruns of the project)."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    if create:
+        import mlflow
+
+        mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment(
+            "smoke", artifact_location=(out / "mlartifacts").as_uri())
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """`--track mlflow` against a SQLite store, read back with MlflowClient: a run killed by SIGTERM and
 resumed (one MLflow run, KILLED then FINISHED), a comparison as a parent run over the backend runs, an
-export registered as a model version whose pyfunc predicts what `flowers predict` does.
+export registered as a model version whose pyfunc predicts what `flowers predict` does (the serving
+tests' export, registered when it is made: conftest.served_version).
 
 The MLflow server over HTTP (three backends, a server killed mid-run) is tests/test_tracking_server.py.
 """
@@ -17,7 +18,15 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import flowers, learnable_photos, one_line_error, python, read_json, run_dir_of
+from conftest import (
+    flowers,
+    learnable_photos,
+    one_line_error,
+    python,
+    read_json,
+    registry_store,
+    run_dir_of,
+)
 
 
 @pytest.fixture
@@ -110,25 +119,25 @@ def test_compare_logs_a_parent_run_over_the_backend_runs(tmp_path, store, smoke_
     assert len(client.search_runs([parent.info.experiment_id])) == len(copies) + 2
 
 
-def test_export_registers_a_pyfunc_that_predicts_what_flowers_predict_does(tmp_path, store, smoke_runs,
+def test_export_registers_a_pyfunc_that_predicts_what_flowers_predict_does(served_version,
                                                                             learnable_set):
-    env, client = store
-    run_dir = _linked_copy(smoke_runs["torch"], tmp_path / "runs")
-    result = flowers("export", str(run_dir), "--formats", "keras", "--out", str(tmp_path / "exports"),
-                     "--track", "mlflow", env=env)
-    version_dir = run_dir_of(result)
-    assert "mlflow: registered model 'smoke' version 1" in result.stdout
+    """served_version is `flowers export SMOKE_TORCH_RUN --formats onnx --track mlflow` (conftest): an
+    export without a .keras format registers its source run's model.keras."""
+    env = registry_store(served_version.parents[1])
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     version = client.get_model_version("smoke", "1")
-    manifest = read_json(version_dir / "manifest.json")
-    assert version.tags["flowers.export_version"] == "v1"
+    manifest = read_json(served_version / "manifest.json")
+    assert version.tags["flowers.export_version"] == f"v{manifest['version']}"
     assert version.tags["flowers.source_run"] == manifest["run_id"]
     assert version.tags["flowers.verified"] == "true"
-    assert version.tags["verification.keras"].endswith("passed")
+    assert version.tags["verification.onnx"].startswith("onnxruntime ")
+    assert version.tags["verification.onnx"].endswith("passed")
     assert json.loads(version.tags["flowers.manifest"])["class_names"] == manifest["class_names"]
+    assert client.get_run(version.run_id).data.tags["flowers.kind"] == "export"
 
     photos = learnable_photos(learnable_set)
-    predicted = flowers("predict", str(version_dir / "model.keras"), *map(str, photos), "--top", "1000",
-                        "--json")
+    source_model = Path(manifest["source_run"]) / "model.keras"
+    predicted = flowers("predict", str(source_model), *map(str, photos), "--top", "1000", "--json")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     expected = [[{t["class"]: t["probability"] for t in row["top"]}[name]
                  for name in manifest["class_names"]] for row in json.loads(predicted.stdout)]
