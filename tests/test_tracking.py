@@ -107,9 +107,11 @@ def test_compare_logs_a_parent_run_over_the_backend_runs(tmp_path, store, smoke_
         assert child.data.metrics["final/val_accuracy"] == pytest.approx(
             read_json(copy / "metrics.json")["val_accuracy"])
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_loss")) == [0, 1]
-    backend = next(iter(smoke_runs))
-    assert parent.data.metrics[f"val_accuracy/{backend}"] == pytest.approx(
-        read_json(copies[0] / "metrics.json")["val_accuracy"])
+    verdict = read_json(tmp_path / "reports" / "smoke" / "comparison.json")["verdict"]
+    assert parent.data.tags["verdict"] == verdict["status"]
+    assert parent.data.metrics["verdict.largest_difference"] == pytest.approx(
+        verdict["largest_difference"]["value"])
+    assert parent.data.metrics["verdict.tests_available"] == verdict["tests_available"]
     assert {"comparison.md", "comparison.json", "learning_curves.png"} <= {
         a.path for a in client.list_artifacts(parent_id)}
 

@@ -26,8 +26,11 @@ from flowers import host
 from flowers.errors import FlowersError
 
 MISSED_FILE = "mlflow-missed.jsonl"
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow settings flowers changes unless the user set them: seconds, not minutes, to know a server is
+# unreachable; no "View run at" lines written to stdout from the sender's thread (flowers prints the
+# run id itself).
+ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # MLflow's own limits on one log_batch call
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 MAX_PARAM_CHARS = 6000
@@ -46,8 +49,8 @@ def check() -> None:
 
 
 def client() -> Any:
-    """An MlflowClient for MLFLOW_TRACKING_URI (or MLflow's default), with flowers' HTTP limits."""
-    for name, value in HTTP_DEFAULTS.items():
+    """An MlflowClient for MLFLOW_TRACKING_URI (or MLflow's default), with flowers' ENV_DEFAULTS."""
+    for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # not its store's "Creating tables" INFO lines
         logging.getLogger("mlflow").setLevel(logging.WARNING)

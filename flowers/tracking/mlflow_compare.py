@@ -1,11 +1,14 @@
 """`flowers compare --track mlflow`: the report as a parent MLflow run over the compared runs.
 
 The parent run (tag flowers.kind=comparison) sits in the experiment's MLflow experiment and holds
-the report's files (comparison.md/json/csv and charts), each table row's mean per backend as
-metric <row>/<backend>, and the verdict as tags. Every compared run becomes its child
-(mlflow.parentRunId): a run tracked while it trained keeps its MLflow run; a run that was not (or was
-tracked in another store) is logged now from its run directory (params, per-epoch and final metrics,
-files) and its tracking.json written, so a later comparison finds it.
+the report's files (comparison.md/json/csv and charts), the verdict as tag and description, and the
+figures it rests on as verdict.* metrics. The backends' own figures stay on the children, under the
+same metric names in every child, which is what the MLflow UI's charts and compare view line up.
+
+Every compared run becomes its child (mlflow.parentRunId): a run tracked while it trained keeps its
+MLflow run; a run that was not (or was tracked in another store, or whose MLflow run is gone) is
+logged now from its run directory (params, per-epoch and final metrics, files) and its tracking.json
+written, so a later comparison finds it.
 
 Unlike training, a comparison waits for MLflow: a server that does not answer fails the command in
 one line, after the report is written.
@@ -48,7 +51,7 @@ def log_comparison(report_dir: Path, comparison: Mapping[str, Any], run_dirs: Se
             "mlflow.note.content": comparison["verdict"].get("sentence", "")}).info.run_id
         for child in children:
             client.set_tag(child, "mlflow.parentRunId", parent)
-        mlflow_client.log(client, parent, metrics=_row_metrics(comparison))
+        mlflow_client.log(client, parent, metrics=_verdict_metrics(comparison["verdict"]))
         client.log_artifacts(parent, str(report_dir))
         client.set_terminated(parent, status="FINISHED")
     except Exception as exc:  # MLflow's and the network's errors
@@ -97,10 +100,15 @@ def log_run_dir(client: Any, experiment_id: str, run_dir: Path) -> str:
     return run_id
 
 
-def _row_metrics(comparison: Mapping[str, Any]) -> list[list[Any]]:
-    """Each table row's mean per backend as [<row key>/<backend>, value, 0, now] rows."""
+def _verdict_metrics(verdict: Mapping[str, Any]) -> list[list[Any]]:
+    """The figures the verdict rests on: the largest difference in mean val accuracy, the smallest
+    Holm-corrected McNemar p, the seed-to-seed spread, the top-1 agreement range (those measured)."""
     import time
 
+    figures = {"verdict.largest_difference": (verdict.get("largest_difference") or {}).get("value"),
+               "verdict.smallest_p_holm": (verdict.get("smallest_p_holm") or {}).get("value"),
+               "verdict.seed_spread": (verdict.get("seed_spread") or {}).get("largest"),
+               "verdict.agreement_min": (verdict.get("agreement_range") or [None])[0],
+               "verdict.tests_available": verdict.get("tests_available")}
     now = int(time.time() * 1000)
-    return [[f"{row['key']}/{name}", value, 0, now] for row in comparison["rows"]
-            for name, value in row["values"].items() if value is not None]
+    return [[key, value, 0, now] for key, value in figures.items() if isinstance(value, int | float)]

@@ -5,7 +5,7 @@ The MLflow run lives in the experiment named after the flowers experiment and ca
   state, the run id and folder;
 - tags: experiment, backend, seed, phase (the phase training now, then its last), flowers.run_id;
 - metrics: each epoch's logs (loss, accuracy, val_loss, ...; step = the epoch, from 0 as in
-  history.csv), then metrics.json's numbers as final/<key> (nested keys joined with ".");
+  history.csv), then metrics.json's numbers as final/<key> at step 0 (nested keys joined with ".");
 - artifacts: config.json, metrics.json, history.csv, predictions.csv, class_names.json and
   learning_curve.png (drawn from history.csv into the run directory).
 
@@ -138,10 +138,10 @@ def epoch_metrics(run_dir: Path) -> list[list[Any]]:
 
 
 def final_metrics(run_dir: Path) -> list[list[Any]]:
-    """metrics.json's numbers as final/<key> rows at step = the epochs trained."""
+    """metrics.json's numbers as final/<key> rows at step 0 (one value each: the MLflow UI draws
+    them as bars, one per run)."""
     now = int(time.time() * 1000)
-    step = len(_history(run_dir / "history.csv"))
-    return [[f"final/{k}", v, step, now] for k, v in flat_numbers(files.read_json(run_dir / "metrics.json"))]
+    return [[f"final/{k}", v, 0, now] for k, v in flat_numbers(files.read_json(run_dir / "metrics.json"))]
 
 
 def artifacts(run_dir: Path) -> list[Path]:
