@@ -192,16 +192,27 @@ def test_torchrun_two_processes_train_the_one_process_run(single, tmp_path):
 
 
 def test_a_vertex_ai_cluster_spec_drives_two_torch_workers(single, tmp_path):
+    """Tracked in MLflow too: the chief alone logs the run, once."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(store).create_experiment("smoke", artifact_location=(tmp_path / "art").as_uri())
     port = _port()
     cluster = {"workerpool0": [f"127.0.0.1:{port}"], "workerpool1": [f"127.0.0.1:{port + 1}"]}
     results = _launch([(_flowers([*SMOKE, "--backend", "torch", "--distribute", "data-parallel",
-                                  "--runs-dir", str(tmp_path)]),
+                                  "--runs-dir", str(tmp_path), "--track", "mlflow"]),
                         {"CLUSTER_SPEC": json.dumps({"cluster": cluster, "environment": "cloud",
-                                                     "task": {"type": pool, "index": 0}})})
+                                                     "task": {"type": pool, "index": 0}}),
+                         "MLFLOW_TRACKING_URI": store})
                        for pool in ("workerpool0", "workerpool1")], tmp_path / "logs")
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-3000:] + results[1][2][-3000:]
     (run,) = (tmp_path / "smoke" / "torch").iterdir()
     _assert_same_training(run, single("torch"))
+    client = mlflow.MlflowClient(store)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert tracked.info.run_id == read_json(run / "tracking.json")["mlflow"]["run_id"]
+    assert tracked.info.status == "FINISHED" and tracked.data.metrics["final/processes"] == 2
+    assert sorted(m.step for m in client.get_metric_history(tracked.info.run_id, "loss")) == [0, 1]
 
 
 def test_sigterm_to_both_torch_processes_mid_epoch_resumes_mid_epoch_to_the_same_run(single, tmp_path):

@@ -60,7 +60,9 @@ def train(experiment: str, backend_name: str | None, overrides: tuple[str, ...],
     if resume:  # checked before select() imports the frameworks: a refusal takes a second
         resume_dir, exp = runs.resume_settings(root, exp.name, name, overrides)
         experiments = [exp]
-    track_to = tracking_for(track)
+    # Only the chief tracks: the other processes of a data-parallel run never open MLflow's store
+    # (several processes creating one new SQLite store at once would race).
+    track_to = tracking_for(track if distribute_lib.detect_cluster().is_chief else ())
     backend.select(name)
     gpu_warning = backend.gpu_warning(name)
     if gpu_warning:

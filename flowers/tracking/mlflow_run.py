@@ -34,10 +34,15 @@ ARTIFACTS = ("config.json", "metrics.json", "history.csv", "predictions.csv", "c
 LEARNING_CURVE = "learning_curve.png"
 
 
+def saved_run(run_dir: Path) -> dict[str, str]:
+    """tracking.json's MLflow entry ({"run_id", "tracking_uri"}); {} for a run never tracked."""
+    path = run_dir / TRACKING_FILE
+    return files.read_json(path).get("mlflow", {}) if path.is_file() else {}
+
+
 def saved_run_id(run_dir: Path) -> str | None:
     """The MLflow run id a run directory was tracked under (tracking.json), or None."""
-    path = run_dir / TRACKING_FILE
-    return files.read_json(path).get("mlflow", {}).get("run_id") if path.is_file() else None
+    return saved_run(run_dir).get("run_id")
 
 
 class MlflowTracker(Tracker):
@@ -51,13 +56,17 @@ class MlflowTracker(Tracker):
 
     def start(self, cfg: Experiment, backend_name: str, resumed: bool) -> None:
         raw = files.read_json(self.run_dir / "config.json")
-        run_id = saved_run_id(self.run_dir) if resumed else None
+        saved = saved_run(self.run_dir) if resumed else {}
+        # --resume continues the MLflow run it started, when it was tracked in this same store
+        run_id = saved.get("run_id") if saved.get("tracking_uri") == self.sender.uri else None
         self.head_epochs = cfg.train.epochs
         self.sender.send("start", run_id=run_id, experiment=cfg.name,
                          run_name=f"{backend_name}-seed{cfg.train.seed}-{raw['run_id']}",
                          tags=run_tags(cfg.name, backend_name, cfg.train.seed, raw["run_id"]))
         if run_id is None:  # a resumed run logged these when it started
             self.sender.send("log", params=run_params(raw, live_facts(backend_name, self.run_dir)))
+            if resumed and (self.run_dir / "history.csv").is_file():  # the epochs trained untracked
+                self.sender.send("log", metrics=epoch_metrics(self.run_dir))
 
     def callbacks(self) -> list[Any]:
         import keras

@@ -128,3 +128,36 @@ def test_a_model_version_is_tagged_with_its_export_and_verification():
                                          "3.1e-06 (limit 1e-04), passed")
     assert tags["verification.tflite"].endswith("FAILED")
     assert "config" not in json.loads(tags["flowers.manifest"])
+
+
+class RecordingSender:
+    def __init__(self, warn):
+        self.sent, self.uri, self.run_id = [], "sqlite:///here.db", None
+
+    def send(self, op, **payload):
+        self.sent.append({"op": op, **payload})
+
+
+def test_resume_continues_the_mlflow_run_of_this_store_and_logs_untracked_epochs_otherwise(
+        tmp_path, monkeypatch):
+    from flowers import config, files
+    from flowers.tracking import mlflow_run
+
+    monkeypatch.setattr(mlflow_run, "Sender", RecordingSender)
+    monkeypatch.setattr(mlflow_run, "live_facts", lambda backend, run_dir: {"backend": backend})
+    cfg = config.load_experiment("smoke")
+    files.write_json(tmp_path / "config.json", {"run_id": "r", "backend": "jax", "experiment": cfg.to_dict()})
+    (tmp_path / "history.csv").write_text("epoch,loss,val_loss\n0,2.0,1.5\n")
+
+    def started(saved_uri: str) -> list[dict]:
+        files.write_json(tmp_path / "tracking.json", {"mlflow": {"run_id": "abc", "tracking_uri": saved_uri}})
+        tracker = mlflow_run.MlflowTracker(tmp_path, warn=print)
+        tracker.start(cfg, "jax", resumed=True)
+        return tracker.sender.sent
+
+    same = started("sqlite:///here.db")
+    assert [(s["op"], s.get("run_id")) for s in same] == [("start", "abc")]
+    other = started("http://elsewhere:5000")  # tracked in another store: a new run, with its past epochs
+    assert other[0]["op"] == "start" and other[0]["run_id"] is None
+    assert other[1]["params"]["train.epochs"] == cfg.train.epochs
+    assert [row[:3] for row in other[2]["metrics"]] == [["loss", 2.0, 0], ["val_loss", 1.5, 0]]
