@@ -31,6 +31,7 @@ from flowers.tracking.mlflow_run import (
     recorded_facts,
     run_params,
     run_tags,
+    saved_run,
 )
 
 
@@ -63,8 +64,7 @@ def log_comparison(report_dir: Path, comparison: Mapping[str, Any], run_dirs: Se
 def tracked_run(client: Any, experiment_id: str, run_dir: Path) -> str:
     """The MLflow run of a run directory in this store: the one it was tracked under while it
     trained, else one logged now from the directory (and kept in its tracking.json)."""
-    saved = files.read_json(run_dir / TRACKING_FILE).get("mlflow", {}) \
-        if (run_dir / TRACKING_FILE).is_file() else {}
+    saved = saved_run(run_dir)
     if saved.get("run_id") and saved.get("tracking_uri") == mlflow_client.tracking_uri() \
             and _exists(client, saved["run_id"]):
         return saved["run_id"]

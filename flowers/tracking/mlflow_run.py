@@ -29,9 +29,9 @@ from flowers.tracking.base import Tracker
 from flowers.tracking.mlflow_client import Sender
 
 TRACKING_FILE = "tracking.json"
-ARTIFACTS = ("config.json", "metrics.json", "history.csv", "predictions.csv", "class_names.json",
-             "learning_curve.png")
 LEARNING_CURVE = "learning_curve.png"
+ARTIFACTS = ("config.json", "metrics.json", "history.csv", "predictions.csv", "class_names.json",
+             LEARNING_CURVE)
 
 
 def saved_run(run_dir: Path) -> dict[str, str]:
@@ -154,8 +154,11 @@ def final_metrics(run_dir: Path) -> list[list[Any]]:
 
 
 def artifacts(run_dir: Path) -> list[Path]:
-    """The run's files MLflow keeps (the learning curve drawn first)."""
-    _draw_learning_curve(run_dir)
+    """The run's files MLflow keeps (the learning curve drawn first, when it can be)."""
+    try:
+        _draw_learning_curve(run_dir)
+    except (OSError, ValueError, KeyError):  # an odd history.csv: the other files still go
+        pass
     return [run_dir / name for name in ARTIFACTS if (run_dir / name).is_file()]
 
 
