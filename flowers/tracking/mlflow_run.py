@@ -51,6 +51,7 @@ class MlflowTracker(Tracker):
     def __init__(self, run_dir: Path, warn: Callable[[str], None]):
         self.run_dir = run_dir
         self.sender = Sender(warn)
+        self.head_epochs = 0  # set by start(): epochs before it are the head phase's
         self._saved = False
         self._phase = ""
 
