@@ -92,9 +92,10 @@ def _report_run(run_dir: Path) -> None:
     click.echo(f"seed={metrics['seed']} val_accuracy={metrics['val_accuracy']:.4f} "
                f"val_loss={metrics['val_loss']:.4f} train_time_s={metrics['train_time_s']:.1f} "
                f"device={metrics['device']}")
-    tracked = files.read_json(run_dir / "tracking.json") if (run_dir / "tracking.json").is_file() else {}
-    if "mlflow" in tracked:
-        click.echo(f"mlflow: run {tracked['mlflow']['run_id']} at {tracked['mlflow']['tracking_uri']}")
+    from flowers.tracking.mlflow_run import saved_run
+
+    if tracked := saved_run(run_dir):
+        click.echo(f"mlflow: run {tracked['run_id']} at {tracked['tracking_uri']}")
     click.echo(str(run_dir))
 
 

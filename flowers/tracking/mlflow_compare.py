@@ -24,13 +24,13 @@ from flowers import files
 from flowers.errors import FlowersError
 from flowers.tracking import mlflow_client
 from flowers.tracking.mlflow_run import (
-    TRACKING_FILE,
     artifacts,
     epoch_metrics,
     final_metrics,
     recorded_facts,
     run_params,
     run_tags,
+    save_run,
     saved_run,
 )
 
@@ -95,8 +95,7 @@ def log_run_dir(client: Any, experiment_id: str, run_dir: Path) -> str:
     for path in artifacts(run_dir):
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status="FINISHED")
-    files.write_json(run_dir / TRACKING_FILE, {"mlflow": {"run_id": run_id,
-                                                          "tracking_uri": mlflow_client.tracking_uri()}})
+    save_run(run_dir, run_id, mlflow_client.tracking_uri())
     return run_id
 
 

@@ -27,7 +27,7 @@ import flowers
 from flowers import host
 from flowers.errors import FlowersError
 from flowers.tracking import mlflow_client
-from flowers.tracking.mlflow_run import saved_run_id
+from flowers.tracking.mlflow_run import saved_run
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # What loading the pyfunc imports (the flowers package travels with it as code).
@@ -46,10 +46,10 @@ def register_export(version_dir: Path, manifest: Mapping[str, Any]) -> tuple[str
     """
     keras_file = _keras_file(version_dir, manifest)
     try:
-        mlflow_client.client()
+        client = mlflow_client.client()  # also sets flowers' MLflow defaults for the fluent API below
         import mlflow
 
-        experiment_id = mlflow_client.experiment_id(mlflow.MlflowClient(), manifest["experiment"])
+        experiment_id = mlflow_client.experiment_id(client, manifest["experiment"])
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"export-v{manifest['version']}",
                               tags=_run_tags(manifest)):
             mlflow.log_artifact(str(version_dir / "manifest.json"))
@@ -58,7 +58,6 @@ def register_export(version_dir: Path, manifest: Mapping[str, Any]) -> tuple[str
                 code_paths=[str(Path(flowers.__file__).parent)], pip_requirements=_requirements(),
                 registered_model_name=manifest["experiment"])
         version = str(info.registered_model_version)
-        client = mlflow.MlflowClient()
         client.update_model_version(manifest["experiment"], version, description=_description(manifest))
         for key, value in version_tags(manifest).items():
             client.set_model_version_tag(manifest["experiment"], version, key, value)
@@ -101,7 +100,7 @@ def _run_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
     tags = {"flowers.kind": "export", "experiment": manifest["experiment"],
             "backend": manifest["training_backend"], "flowers.export_version": f"v{manifest['version']}"}
     source = Path(manifest["source_run"])
-    if source.is_dir() and (source_run := saved_run_id(source)):
+    if source.is_dir() and (source_run := saved_run(source).get("run_id")):
         tags["flowers.source_mlflow_run"] = source_run
     return tags
 

@@ -40,9 +40,9 @@ def saved_run(run_dir: Path) -> dict[str, str]:
     return files.read_json(path).get("mlflow", {}) if path.is_file() else {}
 
 
-def saved_run_id(run_dir: Path) -> str | None:
-    """The MLflow run id a run directory was tracked under (tracking.json), or None."""
-    return saved_run(run_dir).get("run_id")
+def save_run(run_dir: Path, run_id: str, uri: str) -> None:
+    """Write tracking.json: the MLflow run a run directory is tracked under, and its store."""
+    files.write_json(run_dir / TRACKING_FILE, {"mlflow": {"run_id": run_id, "tracking_uri": uri}})
 
 
 class MlflowTracker(Tracker):
@@ -107,8 +107,7 @@ class MlflowTracker(Tracker):
     def _keep(self, run_dir: Path) -> None:
         """tracking.json once the run id is known, and any missed calls, into run_dir."""
         if self.sender.run_id and not self._saved:
-            files.write_json(run_dir / TRACKING_FILE, {"mlflow": {"run_id": self.sender.run_id,
-                                                                  "tracking_uri": self.sender.uri}})
+            save_run(run_dir, self.sender.run_id, self.sender.uri)
             self._saved = True
         self.sender.write_missed(run_dir)
 
