@@ -231,7 +231,7 @@ def load_runs(run_dirs: Sequence[str | Path], allow_mixed: bool = False) -> tupl
     if mixed and not allow_mixed:
         raise FlowersError(f"runs are not comparable: {'; '.join(mixed)}; pass --allow-mixed to "
                            "compare them anyway (the report will say so)")
-    run_list = [Run(run_dir=p, metrics=m, history=_read_history(p / "history.csv"),
+    run_list = [Run(run_dir=p, metrics=m, history=read_history(p / "history.csv"),
                     seed=run_seed(p, m), predictions=_read_predictions(p, m)) for p, m in loaded]
     seen: dict[tuple[str, int], Run] = {}
     for run in run_list:
@@ -363,7 +363,7 @@ def _grouped(values: list[tuple[str, str, Any]]) -> str:
     return " vs ".join(f"{shown} ({', '.join(runs_with)})" for shown, runs_with in groups.values())
 
 
-def _read_history(path: Path) -> list[dict[str, float | str]]:
+def read_history(path: Path) -> list[dict[str, float | str]]:
     """history.csv's rows: every column a number but `phase` ("head" / "finetune")."""
     try:
         with path.open(newline="") as f:

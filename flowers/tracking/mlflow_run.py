@@ -25,6 +25,7 @@ from typing import Any
 
 from flowers import backend, config, files, host
 from flowers.config import Experiment
+from flowers.errors import FlowersError
 from flowers.tracking.base import Tracker
 from flowers.tracking.mlflow_client import Sender
 
@@ -157,8 +158,8 @@ def artifacts(run_dir: Path) -> list[Path]:
     """The run's files MLflow keeps (the learning curve drawn first, when it can be)."""
     try:
         _draw_learning_curve(run_dir)
-    except (OSError, ValueError, KeyError):  # an odd history.csv: the other files still go
-        pass
+    except (FlowersError, OSError, ValueError):  # no per-epoch validation, or an odd history.csv:
+        pass                                     # the other files still go
     return [run_dir / name for name in ARTIFACTS if (run_dir / name).is_file()]
 
 
@@ -182,13 +183,12 @@ def _history(path: Path) -> list[dict[str, str]]:
 
 
 def _draw_learning_curve(run_dir: Path) -> None:
-    """learning_curve.png: val accuracy and val loss per epoch (when validation ran every epoch)."""
+    """learning_curve.png: val accuracy and val loss per epoch, read as the comparison report reads
+    history.csv (FlowersError when validation did not run every epoch)."""
+    from flowers.report import read_history
     from flowers.report_charts import learning_curves
 
-    rows = _history(run_dir / "history.csv")
-    if not rows or not {"val_accuracy", "val_loss"} <= set(rows[0]):
-        return
-    history = [{k: v if k == "phase" else float(v) for k, v in row.items() if v != ""} for row in rows]
+    history = read_history(run_dir / "history.csv")
     raw = files.read_json(run_dir / "config.json")
     learning_curves({raw["backend"]: [history]}, f"{raw['experiment']['name']} · {raw['run_id']}",
                     run_dir / LEARNING_CURVE)
