@@ -267,7 +267,7 @@ def served(*args: str, log: Path, wait: bool = True, env: dict | None = None,
 def mlflow_server(folder: Path, start_timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
     """`mlflow server` on a free loopback port, its runs in folder/mlflow.db and its artifacts
     uploaded over HTTP into folder/artifacts: (URL, process); its process group killed on exit."""
-    from flowers.serve.bench import free_port
+    from flowers.serve.bench import free_port, wait_until_ready
 
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
@@ -279,26 +279,15 @@ def mlflow_server(folder: Path, start_timeout_s: float = 120) -> Iterator[tuple[
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_health(url, process, folder / "mlflow-server.log", start_timeout_s)
+        try:
+            wait_until_ready(url, process, start_timeout_s)  # GET /health until 200, as for flowers serve
+        except FlowersError:
+            pytest.fail(f"mlflow server did not start:\n{(folder / 'mlflow-server.log').read_text()[-3000:]}")
         yield url, process
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)
         process.wait(timeout=30)
-
-
-def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="session")
