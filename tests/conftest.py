@@ -20,9 +20,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +83,37 @@ def python(code: str, env: dict | None = None, timeout: int = 900) -> subprocess
     full_env.pop("KERAS_BACKEND", None)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=PROJECT_ROOT)
+
+
+LAUNCH_TIMEOUT_S = 420
+
+
+def launch(commands: list[tuple[list[str], dict]], logs: Path, timeout: float = LAUNCH_TIMEOUT_S):
+    """Run commands at once, each in its own process group; (returncode, stdout, stderr) each.
+
+    Past `timeout` the test fails and every group still running is SIGKILLed.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    running = []
+    for i, (args, extra) in enumerate(commands):
+        out, err = (logs / f"{i}.out").open("w"), (logs / f"{i}.err").open("w")
+        running.append(subprocess.Popen(args, stdout=out, stderr=err, cwd=PROJECT_ROOT,
+                                        env={**env, "PYTHONWARNINGS": "ignore", **extra},
+                                        start_new_session=True))
+    deadline = time.monotonic() + timeout
+    try:
+        for process in running:
+            process.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"processes still running after {timeout:.0f} s (logs: {logs})")
+    finally:
+        for process in running:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+            for i, p in enumerate(running)]
 
 
 def run_dir_of(result: subprocess.CompletedProcess) -> Path:

@@ -8,54 +8,27 @@ masks under tensorflow and torch.
 
 import csv
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT, flowers, one_line_error, read_json, run_dir_of
+from conftest import LAUNCH_TIMEOUT_S, flowers, launch, one_line_error, read_json, run_dir_of
 from flowers import distribute
 from flowers.errors import FlowersError
 
 SMOKE = ["train", "-e", "smoke", "--set", "model.dropout=0"]
-TIMEOUT_S = 420
+TIMEOUT_S = LAUNCH_TIMEOUT_S
 
 
 def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _launch(commands: list[tuple[list[str], dict]], logs: Path, timeout: float = TIMEOUT_S):
-    """Run commands at once, each in its own process group; (returncode, stdout, stderr) each."""
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    running = []
-    for i, (args, extra) in enumerate(commands):
-        out, err = (logs / f"{i}.out").open("w"), (logs / f"{i}.err").open("w")
-        running.append(subprocess.Popen(args, stdout=out, stderr=err, cwd=PROJECT_ROOT,
-                                        env={**env, "PYTHONWARNINGS": "ignore", **extra},
-                                        start_new_session=True))
-    deadline = time.monotonic() + timeout
-    try:
-        for process in running:
-            process.wait(max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed processes still running after {timeout:.0f} s (logs: {logs})")
-    finally:
-        for process in running:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    return [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
-            for i, p in enumerate(running)]
 
 
 def _flowers(args: list[str]) -> list[str]:
@@ -160,14 +133,14 @@ def test_jax_two_processes_killed_after_epoch_1_resume_to_the_same_run(single, t
         return {"KERAS_DISTRIBUTION_JOB_ADDRESSES": address, "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
                 "KERAS_DISTRIBUTION_PROCESS_ID": str(i), **extra}
 
-    killed = _launch([(_flowers(args), env(i, FLOWERS_FAULT="checkpoint-published:1"))
+    killed = launch([(_flowers(args), env(i, FLOWERS_FAULT="checkpoint-published:1"))
                       for i in range(2)], tmp_path / "killed")
     assert [code for code, _, _ in killed] == [-signal.SIGKILL] * 2
     (unfinished,) = (tmp_path / "smoke" / "jax").iterdir()
     assert unfinished.name.startswith(".incomplete-")
     assert sorted(p.name for p in (unfinished / "backup").iterdir()) == ["process-0", "process-1"]
 
-    resumed = _launch([(_flowers([*args, "--resume"]), env(i)) for i in range(2)], tmp_path / "resumed")
+    resumed = launch([(_flowers([*args, "--resume"]), env(i)) for i in range(2)], tmp_path / "resumed")
     assert [code for code, _, _ in resumed] == [0, 0], resumed[0][2][-3000:] + resumed[1][2][-3000:]
     assert "process 1 of 2: training done" in resumed[1][1]
     run = Path(resumed[0][1].strip().splitlines()[-1])
@@ -180,7 +153,7 @@ def test_jax_two_processes_killed_after_epoch_1_resume_to_the_same_run(single, t
 def test_torchrun_two_processes_train_the_one_process_run(single, tmp_path):
     """With the feature cache too: each process computes the features, the head trains in parallel."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    (code, out, err), = _launch([([torchrun, "--standalone", "--nproc_per_node=2", "-m", "flowers",
+    (code, out, err), = launch([([torchrun, "--standalone", "--nproc_per_node=2", "-m", "flowers",
                                    *SMOKE, "--backend", "torch", "--set", "train.cache_features=true",
                                    "--distribute", "data-parallel", "--runs-dir", str(tmp_path)], {})],
                                 tmp_path / "logs")
@@ -199,7 +172,7 @@ def test_a_vertex_ai_cluster_spec_drives_two_torch_workers(single, tmp_path):
     mlflow.MlflowClient(store).create_experiment("smoke", artifact_location=(tmp_path / "art").as_uri())
     port = _port()
     cluster = {"workerpool0": [f"127.0.0.1:{port}"], "workerpool1": [f"127.0.0.1:{port + 1}"]}
-    results = _launch([(_flowers([*SMOKE, "--backend", "torch", "--distribute", "data-parallel",
+    results = launch([(_flowers([*SMOKE, "--backend", "torch", "--distribute", "data-parallel",
                                   "--runs-dir", str(tmp_path), "--track", "mlflow"]),
                         {"CLUSTER_SPEC": json.dumps({"cluster": cluster, "environment": "cloud",
                                                      "task": {"type": pool, "index": 0}}),
@@ -224,7 +197,7 @@ def test_sigterm_to_both_torch_processes_mid_epoch_resumes_mid_epoch_to_the_same
                      "--runs-dir", str(tmp_path)])
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "FLOWERS_COLLECTIVE_TIMEOUT_S": "60"}
-    stopped = _launch([(args, {**env, "RANK": str(rank), "FLOWERS_FAULT": "train-step:1:1=SIGTERM"})
+    stopped = launch([(args, {**env, "RANK": str(rank), "FLOWERS_FAULT": "train-step:1:1=SIGTERM"})
                        for rank in range(2)], tmp_path / "stopped")
     assert [code for code, _, _ in stopped] == [143, 143], stopped[0][2][-3000:] + stopped[1][2][-3000:]
     for _, _, err in stopped:
@@ -236,7 +209,7 @@ def test_sigterm_to_both_torch_processes_mid_epoch_resumes_mid_epoch_to_the_same
         assert (unfinished / "backup" / process / "epoch-1-step-2").is_dir()
 
     env["MASTER_PORT"] = str(_port())
-    resumed = _launch([(args + ["--resume"], {**env, "RANK": str(rank)}) for rank in range(2)],
+    resumed = launch([(args + ["--resume"], {**env, "RANK": str(rank)}) for rank in range(2)],
                       tmp_path / "resumed")
     assert [code for code, _, _ in resumed] == [0, 0], resumed[0][2][-3000:] + resumed[1][2][-3000:]
     assert "resume: 1 of 2 epochs and 2 of 4 steps of epoch 2 done" in resumed[0][1]
@@ -253,7 +226,7 @@ def test_a_dead_peer_stops_the_survivor_with_one_resumable_line(tmp_path):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "FLOWERS_COLLECTIVE_TIMEOUT_S": "60"}
     start = time.monotonic()
-    (code, _, err), (dead, _, _) = _launch(
+    (code, _, err), (dead, _, _) = launch(
         [(args, {**env, "RANK": "0"}),
          (args, {**env, "RANK": "1", "FLOWERS_FAULT": "checkpoint-published:1"})], tmp_path / "logs")
     assert dead == -signal.SIGKILL and code == 1

@@ -7,33 +7,21 @@ listed in it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import mlflow
 
-from conftest import BACKENDS, PROJECT_ROOT, flowers, mlflow_server, python, read_json, run_dir_of
+from conftest import BACKENDS, flowers, launch, mlflow_server, python, read_json, run_dir_of
 
 
-def _train_at_once(runs, env: dict) -> dict[str, subprocess.CompletedProcess]:
+def _train_at_once(runs, env: dict, logs) -> dict[str, subprocess.CompletedProcess]:
     """`flowers train -e smoke --track mlflow` under every backend, three processes at once."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
-    full_env.pop("KERAS_BACKEND", None)
-    started = {b: subprocess.Popen([sys.executable, "-m", "flowers.cli", "train", "-e", "smoke",
-                                    "--backend", b, "--runs-dir", str(runs), "--track", "mlflow"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=full_env, cwd=PROJECT_ROOT) for b in BACKENDS}
-    done = {}
-    try:
-        for name, process in started.items():
-            out, err = process.communicate(timeout=600)
-            done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
-    finally:
-        for process in started.values():
-            if process.poll() is None:
-                process.kill()
-    return done
+    commands = [([sys.executable, "-m", "flowers.cli", "train", "-e", "smoke", "--backend", b,
+                  "--runs-dir", str(runs), "--track", "mlflow"], env) for b in BACKENDS]
+    results = launch(commands, logs)
+    return {b: subprocess.CompletedProcess(args, code, out, err)
+            for b, (args, _), (code, out, err) in zip(BACKENDS, commands, results, strict=True)}
 
 
 KILL_AFTER_FIRST_EPOCH = """
@@ -62,7 +50,8 @@ def test_three_backends_over_http_then_the_server_dies_mid_run(tmp_path):
     with mlflow_server(tmp_path) as (url, server):
         env = {"MLFLOW_TRACKING_URI": url}
         client = mlflow.MlflowClient(url)
-        trained = {b: run_dir_of(result) for b, result in _train_at_once(runs, env).items()}
+        trained = {b: run_dir_of(result)
+                   for b, result in _train_at_once(runs, env, tmp_path / "logs").items()}
         run_ids = {b: read_json(d / "tracking.json")["mlflow"]["run_id"] for b, d in trained.items()}
         for name, run_id in run_ids.items():
             run = client.get_run(run_id)
