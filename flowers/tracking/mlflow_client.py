@@ -66,9 +66,22 @@ def tracking_uri() -> str:
 
 
 def experiment_id(mlflow_client: Any, name: str) -> str:
-    """The id of the MLflow experiment `name`, created when it does not exist yet."""
+    """The id of the MLflow experiment `name`, created when it does not exist yet.
+
+    Several runs starting at once (three backends against one server) can all find it missing: the
+    ones whose create loses the race read the winner's.
+    """
+    from mlflow.exceptions import MlflowException
+
     found = mlflow_client.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow_client.create_experiment(name)
+    if found:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
 def log(mlflow_client: Any, run_id: str, metrics: list | None = None, params: dict | None = None,

@@ -161,3 +161,22 @@ def test_resume_continues_the_mlflow_run_of_this_store_and_logs_untracked_epochs
     assert other[0]["op"] == "start" and other[0]["run_id"] is None
     assert other[1]["params"]["train.epochs"] == cfg.train.epochs
     assert [row[:3] for row in other[2]["metrics"]] == [["loss", 2.0, 0], ["val_loss", 1.5, 0]]
+
+
+def test_runs_starting_at_once_share_the_experiment_whose_creation_one_of_them_won():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    class Racing:
+        def __init__(self):
+            self.created = False
+
+        def get_experiment_by_name(self, name):  # missing at first, then the other process's
+            return type("Found", (), {"experiment_id": "7"}) if self.created else None
+
+        def create_experiment(self, name):
+            self.created = True
+            raise MlflowException(f"Experiment(name={name}) already exists",
+                                  error_code=RESOURCE_ALREADY_EXISTS)
+
+    assert mlflow_client.experiment_id(Racing(), "smoke") == "7"
